@@ -143,3 +143,18 @@ def test_compiles_once_and_replays_schedules():
                 assert canonical(got[i].tolist()) == canonical(reference_groups(metric[i], schedule[0].tolist()))
             eager = dtm_loss(metric, metric.flip(1), schedule)
             torch.testing.assert_close(loss_fn(metric, metric.flip(1), schedule), eager)
+
+
+def test_static_width_path_equals_eager_plan():
+    """The full-width path (what a CUDA graph replays) gives the eager CPU path's groups."""
+    from dtm_ds.morph import _gram, _host_plan, _morph_gram
+
+    gen = torch.Generator().manual_seed(2)
+    metric = torch.randn(4, 196, 16, generator=gen, dtype=torch.float64)
+    for _ in range(10):
+        merges = sample_schedule([196, 196], [14, 14], gen).repeat_interleave(2, dim=0)  # rows of two levels
+        eager = _morph_gram(_gram(metric), merges, True, _host_plan(merges, 196, True))
+        static = _morph_gram(_gram(metric), merges, True, None)
+        assert torch.equal(eager, static)
+        for i in range(4):
+            assert canonical(eager[i].tolist()) == canonical(reference_groups(metric[i], merges[i].tolist()))
