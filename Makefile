@@ -43,7 +43,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	$(PY) bench/bench_morph.py
+	set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f; done
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
