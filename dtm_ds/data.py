@@ -1,0 +1,141 @@
+"""Pretraining and evaluation input pipelines: FFCV (default) or torchvision ImageFolder.
+
+Determinism: a rank's sample order is a function of (seed, epoch, rank, world); crop parameters are a
+function of the seed and the sample's place in its batch; flips, colour jitter and masks come from a
+generator seeded with (seed, epoch, batch). So a run resumed at (epoch, batch) sees exactly the
+batches it would have seen, and FFCV's decode threads never share a random state.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dtm_ds.masking import BlockMasking
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the pretraining loader produces; checked before anything is decoded."""
+
+    path: str
+    batch_size: int  # per rank
+    image_size: int = 224
+    patch_size: int = 16
+    min_crop_scale: float = 0.2
+    jitter: float = 0.4
+    num_masked: int = 75
+    min_mask_block: int = 16
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    workers: int = 2
+    backend: str = "ffcv"  # or "torchvision" (an image folder / any data_prep source)
+
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.backend not in ("ffcv", "torchvision"):
+            raise ValueError(f"data backend must be 'ffcv' or 'torchvision', got {self.backend!r}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} is not in [0, world={self.world})")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+
+def epoch_order(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
+    """This rank's sample ids for ``epoch``: a (seed, epoch) permutation split by rank, full batches only."""
+    per_rank = num_samples // spec.world
+    batches = per_rank // spec.batch_size
+    if batches == 0:
+        raise ValueError(
+            f"batch_size {spec.batch_size} per rank is larger than the {per_rank} samples each of the "
+            f"{spec.world} ranks gets from {spec.path} ({num_samples} samples)"
+        )
+    perm = np.random.default_rng([spec.seed, epoch]).permutation(num_samples)
+    return perm[spec.rank : per_rank * spec.world : spec.world][: batches * spec.batch_size]
+
+
+def batch_generator(spec: LoaderSpec, epoch: int, batch: int, device: torch.device) -> torch.Generator:
+    """Generator for the on-device augmentations of one batch (host generator for masks below)."""
+    seed = int(np.random.default_rng([spec.seed, epoch, batch, spec.rank]).integers(2**62))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def augment_on_device(images: torch.Tensor, gen: torch.Generator, jitter: float, flip: bool = True) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float [B, 3, H, W] in [0, 1]: horizontal flip, then brightness, contrast and
+    saturation jitter with factors in [1 - jitter, 1 + jitter], per sample, on the images' device."""
+    x = images.float().div_(255)
+    b = x.shape[0]
+    if flip:
+        flipped = torch.rand(b, generator=gen, device=x.device) < 0.5
+        x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    if jitter > 0:
+        factors = 1 + jitter * (2 * torch.rand(3, b, 1, 1, 1, generator=gen, device=x.device) - 1)
+        x = (x * factors[0]).clamp_(0, 1)  # brightness
+        grey = _grey(x)
+        x = torch.lerp(grey.mean((-2, -1), keepdim=True), x, factors[1]).clamp_(0, 1)  # contrast
+        x = torch.lerp(_grey(x), x, factors[2]).clamp_(0, 1)  # saturation
+    return x
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
+def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> normalised with per-channel mean/std."""
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class PretrainLoader:
+    """Batches of {"images": float [B, 3, S, S] normalised, "masks": bool [B, N], "labels": long [B]}.
+
+    ``epoch(e, start_batch)`` iterates epoch ``e`` from batch ``start_batch`` (a resumed run).
+    """
+
+    def __init__(self, spec: LoaderSpec, device: torch.device | str = "cpu"):
+        self.spec, self.device = spec, torch.device(device)
+        self.masking = BlockMasking(spec.grid, spec.num_masked, min(spec.min_mask_block, max(spec.num_masked, 1)))
+        if spec.backend == "ffcv":
+            from dtm_ds.data_ffcv import FFCVSource
+
+            self.source = FFCVSource(spec, self.device)
+        else:
+            from dtm_ds.data_torchvision import FolderSource
+
+            self.source = FolderSource(spec)
+        self.batches_per_epoch = len(epoch_order(self.source.num_samples, spec, 0)) // spec.batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        order = epoch_order(self.source.num_samples, self.spec, epoch)[start_batch * self.spec.batch_size :]
+        for batch, (images, labels) in enumerate(self.source.batches(order, epoch), start_batch):
+            gen = batch_generator(self.spec, epoch, batch, self.device)
+            x = normalize(augment_on_device(images.to(self.device, non_blocking=True), gen, self.spec.jitter))
+            masks = self.masking.batch(len(x), np.random.default_rng([self.spec.seed, epoch, batch, self.spec.rank]))
+            yield {"images": x, "masks": torch.from_numpy(masks).to(self.device), "labels": labels.to(self.device)}
+
+
+def check_beton(path: str | Path) -> int:
+    """Number of samples of a .beton; clear errors for a missing or unreadable one, before any work."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {path} does not exist (convert one with: python -m data_prep.write_ffcv)")
+    from ffcv.reader import Reader
+
+    try:
+        return Reader(str(path)).num_samples
+    except Exception as err:  # FFCV raises assorted errors for truncated/foreign files
+        raise ValueError(f"{path} is not a readable FFCV .beton ({type(err).__name__}: {err})") from err

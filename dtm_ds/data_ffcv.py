@@ -1,0 +1,94 @@
+"""FFCV source for the pretraining loader: seeded crops in the decoder, our own epoch order."""
+
+import numpy as np
+import torch
+from ffcv.fields.decoders import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+from ffcv.traversal_order.base import TraversalOrder
+
+from dtm_ds.crops import crop_box, sample_key
+from dtm_ds.data import LoaderSpec, check_beton
+
+
+class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
+    """FFCV's RandomResizedCrop decoder with the box drawn from the sample's key (dtm_ds.crops) instead of
+    numba's per-thread random state, so crops are reproducible and independent of thread scheduling."""
+
+    def __init__(self, output_size, scale, ratio=(3 / 4, 4 / 3), seed: int = 0):
+        super().__init__(output_size, scale=scale, ratio=ratio)
+        self.seed = seed
+
+    def generate_code(self):
+        jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        (s_lo, s_hi), (r_lo, r_hi), seed = self.scale, self.ratio, self.seed
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            first, last = batch_indices[0], batch_indices[-1]
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    pixels = temp_storage[dst_ix]
+                    imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                    pixels = pixels.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                else:
+                    pixels = data.reshape(height, width, 3)
+                key = sample_key(seed, np.int64(source_ix), np.int64(first), np.int64(last))
+                top, left, h, w = crop_box(key, np.int64(height), np.int64(width), s_lo, s_hi, r_lo, r_hi)
+                resize_crop_c(pixels, top, top + h, left, left + w, destination[dst_ix])
+            return destination[: len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class _GivenOrder(TraversalOrder):
+    """Traversal order that returns whatever order was set for the next epoch (FFCV calls the instance
+    with the loader, then asks for the order of each epoch)."""
+
+    def __init__(self):
+        self.order = np.zeros(0, dtype=np.int64)
+
+    def __call__(self, loader):
+        super().__init__(loader)
+        return self
+
+    def sample_order(self, epoch: int):
+        return self.order
+
+
+class FFCVSource:
+    """Decoded uint8 [B, 3, S, S] crops and labels for a given sample order."""
+
+    def __init__(self, spec: LoaderSpec, device: torch.device):
+        self.num_samples = check_beton(spec.path)
+        self.order = _GivenOrder()
+        self.order.order = np.arange(self.num_samples, dtype=np.uint64)  # FFCV sizes its epochs from this
+        self.spec = spec
+        crop = SeededRandomResizedCrop((spec.image_size, spec.image_size), (spec.min_crop_scale, 1.0), seed=spec.seed)
+        self.loader = Loader(
+            spec.path,
+            batch_size=spec.batch_size,
+            num_workers=spec.workers,
+            order=self.order,
+            pipelines={
+                "image": [crop, ToTensor(), ToTorchImage(channels_last=False)],
+                "label": [IntDecoder(), ToTensor(), Squeeze()],
+            },
+            drop_last=True,
+            batches_ahead=2,
+        )
+
+    def batches(self, order: np.ndarray, epoch: int):
+        self.order.order = order.astype(np.uint64)
+        self.loader.next_epoch = epoch
+        for images, labels in self.loader:
+            yield images, labels.long()

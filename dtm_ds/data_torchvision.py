@@ -1,0 +1,62 @@
+"""torchvision source for the pretraining loader: any data_prep source through a DataLoader.
+
+For machines without FFCV and as the benchmark's baseline; same crops rule (dtm_ds.crops), bicubic."""
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, Dataset
+
+from data_prep.sources import detect
+from data_prep.write_ffcv import load_rgb
+from dtm_ds.crops import crop_box, sample_key
+from dtm_ds.data import LoaderSpec
+
+
+class _CropDataset(Dataset):
+    def __init__(self, spec: LoaderSpec):
+        self.listing = detect(spec.path, "train")
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, key = item
+        if self.listing.arrays is not None:
+            pixels = self.listing.arrays[index]
+            pixels = np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
+        else:
+            pixels = load_rgb(self.listing.paths[index])
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # (3, H, W) uint8
+        s = self.spec
+        top, left, h, w = crop_box(key, image.shape[1], image.shape[2], s.min_crop_scale, 1.0, 3 / 4, 4 / 3)
+        size = [s.image_size, s.image_size]
+        crop = TF.resized_crop(image, top, left, h, w, size, TF.InterpolationMode.BICUBIC, antialias=True)
+        return crop, self.listing.labels[index]
+
+
+class FolderSource:
+    """Decoded uint8 [B, 3, S, S] crops and labels for a given sample order, from worker processes."""
+
+    def __init__(self, spec: LoaderSpec):
+        self.dataset = _CropDataset(spec)
+        self.spec = spec
+        self.num_samples = len(self.dataset)
+
+    def batches(self, order: np.ndarray, epoch: int):
+        bs, seed = self.spec.batch_size, self.spec.seed
+        items = []
+        for start in range(0, len(order), bs):
+            ids = order[start : start + bs]
+            items += [(int(i), sample_key(seed, int(i), int(ids[0]), int(ids[-1]))) for i in ids]
+        loader = DataLoader(
+            self.dataset,
+            batch_size=bs,
+            sampler=items,
+            num_workers=self.spec.workers,
+            drop_last=True,
+            persistent_workers=False,
+        )
+        for images, labels in loader:
+            yield images, labels.long()
