@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -40,6 +41,13 @@ class Listing:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def image(self, i: int) -> np.ndarray:
+        """Item i as a writable uint8 RGB array [H, W, 3]."""
+        if self.arrays is None:
+            return load_rgb(self.paths[i])
+        image = self.arrays[i]
+        return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image.copy()
+
     def subset(self, keep: list[int]) -> "Listing":
         return Listing(
             labels=[self.labels[i] for i in keep],
@@ -47,6 +55,18 @@ class Listing:
             paths=None if self.paths is None else [self.paths[i] for i in keep],
             arrays=None if self.arrays is None else self.arrays[keep],
         )
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode any readable image to uint8 RGB [H, W, 3], EXIF orientation applied."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: keep the top 8 bits
+            wide = np.asarray(im, dtype=np.int64)
+            im = Image.fromarray((wide >> (8 if wide.max() < 65536 else 24)).clip(0, 255).astype(np.uint8))
+        if im.mode in ("P", "PA", "LA"):  # palettes with transparency go through RGBA
+            im = im.convert("RGBA")
+        return np.asarray(im.convert("RGB"))
 
 
 def _is_image(path: Path) -> bool:

@@ -16,27 +16,14 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import fire
-import numpy as np
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from data_prep.sources import Listing, detect, select
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode any readable image to uint8 RGB [H, W, 3], EXIF orientation applied."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: keep the top 8 bits
-            wide = np.asarray(im, dtype=np.int64)
-            im = Image.fromarray((wide >> (8 if wide.max() < 65536 else 24)).clip(0, 255).astype(np.uint8))
-        if im.mode in ("P", "PA", "LA"):  # palettes with transparency go through RGBA
-            im = im.convert("RGBA")
-        return np.asarray(im.convert("RGB"))
 
 
 def check_image(path: Path) -> str | None:
@@ -62,12 +49,7 @@ class _Items:
         return len(self.listing)
 
     def __getitem__(self, i: int):
-        if self.listing.arrays is not None:
-            image = self.listing.arrays[i]
-            image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
-        else:
-            image = load_rgb(self.listing.paths[i])
-        return np.ascontiguousarray(image), self.listing.labels[i]
+        return self.listing.image(i), self.listing.labels[i]
 
 
 def drop_bad(listing: Listing, workers: int, report: Path, max_bad: float) -> tuple[Listing, int]:

@@ -8,7 +8,6 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.sources import detect
-from data_prep.write_ffcv import load_rgb
 from dtm_ds.crops import crop_box, sample_key
 from dtm_ds.data import LoaderSpec
 
@@ -23,12 +22,7 @@ class _CropDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, key = item
-        if self.listing.arrays is not None:
-            pixels = self.listing.arrays[index]
-            pixels = np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels
-        else:
-            pixels = load_rgb(self.listing.paths[index])
-        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)  # (3, H, W) uint8
+        image = torch.from_numpy(np.ascontiguousarray(self.listing.image(index))).permute(2, 0, 1)  # (3, H, W)
         s = self.spec
         top, left, h, w = crop_box(key, image.shape[1], image.shape[2], s.min_crop_scale, 1.0, 3 / 4, 4 / 3)
         size = [s.image_size, s.image_size]
