@@ -22,7 +22,7 @@ class _CropDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, key = item
-        image = torch.from_numpy(np.ascontiguousarray(self.listing.image(index))).permute(2, 0, 1)  # (3, H, W)
+        image = torch.from_numpy(self.listing.image(index)).permute(2, 0, 1)  # (3, H, W) uint8
         s = self.spec
         top, left, h, w = crop_box(key, image.shape[1], image.shape[2], s.min_crop_scale, 1.0, 3 / 4, 4 / 3)
         size = [s.image_size, s.image_size]
