@@ -66,7 +66,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
             im = Image.fromarray((wide >> (8 if wide.max() < 65536 else 24)).clip(0, 255).astype(np.uint8))
         if im.mode in ("P", "PA", "LA"):  # palettes with transparency go through RGBA
             im = im.convert("RGBA")
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))
 
 
 def _is_image(path: Path) -> bool:

@@ -87,8 +87,9 @@ def dtm_loss(
     loss: str = "smooth_l1",
     beta: float = 2.0,
     protect_first: bool = True,
+    per_level: bool = False,
 ) -> Tensor:
-    """Morphed distillation loss averaged over levels.
+    """Morphed distillation loss averaged over levels (``per_level=True``: the [L] level losses).
 
     Args:
         pred: [B, N, D] student predictions (gradients flow to it).
@@ -113,7 +114,7 @@ def dtm_loss(
     # mean over groups, and (for the elementwise losses) mean(pred) - mean(target) = mean(pred - target).
     pred, target = pred.reshape(b * n, d), target.reshape(b * n, d)
     diff = pred - target if loss != "negcosine" else None
-    total = pred.new_zeros(())
+    losses = []
     for level in range(levels):
         flat = _flat_ids(groups[level], slots[level])
         if diff is None:
@@ -122,8 +123,9 @@ def dtm_loss(
         else:
             d_sum, counts = _segment_sum(diff, flat, b * slots[level])
             per_group = _elementwise(d_sum / counts.clamp_min(1).unsqueeze(-1), loss, beta).mean(-1)
-        total = total + (per_group * counts).sum() / (b * n)
-    return total / levels
+        losses.append((per_group * counts).sum() / (b * n))
+    losses = torch.stack(losses)
+    return losses if per_level else losses.mean()
 
 
 def _elementwise(delta: Tensor, loss: str, beta: float) -> Tensor:

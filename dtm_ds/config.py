@@ -1,0 +1,205 @@
+"""Typed pretraining configuration: defaults, presets (small deltas), command-line overrides.
+
+The DeepSpeed JSON in ds_configs/ holds engine settings (micro batch, accumulation, precision, ZeRO,
+clipping); this config holds everything else. The global batch is derived from the JSON and the
+world size; stating it here too is allowed only if it agrees.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtm_ds.morph import LOSSES
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    """Input resolution of the student (square)."""
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1
+    """Stochastic depth rate of the last block (linear in depth)."""
+    layer_scale: float = 0.1
+    """Layer-scale init (BEiT): 0.1 for S/B, 1e-5 for L/H."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing of every block."""
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model.img_size {self.img_size} is not divisible by model.patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.embed_dim {self.embed_dim} is not divisible by model.num_heads {self.num_heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "clip:ViT-B-16"
+    """'clip:<open_clip model>', 'timm:<model>', 'checkpoint:<dtm_ds checkpoint dir or file>', or 'pixels'."""
+    weights: str | None = None
+    """Local weights file for clip/timm teachers (OpenAI TorchScript archive or state dict). Never downloaded."""
+    dtype: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (GPU only)."""
+    input_norm: str = "own"
+    """'own': the teacher's own normalisation; 'student': feed the student's normalised input (the reference)."""
+
+    def __post_init__(self):
+        kind = self.name.split(":", 1)[0]
+        if kind not in ("clip", "timm", "checkpoint", "pixels") or (kind != "pixels" and ":" not in self.name):
+            raise ValueError(f"teacher.name must be 'clip:<model>', 'timm:<model>', 'checkpoint:<path>' or 'pixels', "
+                             f"got {self.name!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"teacher.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.input_norm not in ("own", "student"):
+            raise ValueError(f"teacher.input_norm must be 'own' or 'student', got {self.input_norm!r}")
+
+
+@dataclass
+class DTMConfig:
+    n_max: list[int] = field(default_factory=lambda: [196, 196])
+    """Most tokens merged per level (one entry per level; L = len(n_max))."""
+    k_max: list[int] = field(default_factory=lambda: [14, 14])
+    """Most merging iterations per level."""
+    loss: str = "smooth_l1"
+    beta: float = 2.0
+    protect_first: bool = True
+    """The first token never merges away (the reference's behaviour)."""
+
+    def __post_init__(self):
+        if len(self.n_max) != len(self.k_max) or not self.n_max:
+            raise ValueError(f"dtm.n_max {self.n_max} and dtm.k_max {self.k_max} need one entry per level")
+        if self.loss not in LOSSES:
+            raise ValueError(f"dtm.loss must be one of {LOSSES}, got {self.loss!r}")
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/imagenet_train.beton"
+    """FFCV .beton (backend ffcv) or any data_prep source: image folder, list file, fashion_mnist (torchvision)."""
+    backend: str = "ffcv"
+    workers: int = 8
+    min_crop_scale: float = 0.2
+    jitter: float = 0.4
+    num_masked: int = 75
+    """Masked patches per image (75 of 196 for 224 px / patch 16)."""
+    min_mask_block: int = 16
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-3
+    """Base lr at a global batch of 2048, scaled by sqrt(global batch / 2048)."""
+    min_lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    epochs: int = 300
+    warmup_epochs: float = 10
+    batch_size: int | None = None
+    """Global batch; derived from the DeepSpeed JSON and the world size when None, checked when set."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "outputs/run"
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the schedule still spans optim.epochs)."""
+    seed: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 20
+    vis_every: int = 1000
+    """Steps between TensorBoard images of the morphed groups (0: never)."""
+    max_nonfinite: int = 5
+    """Stop after this many non-finite losses in a row."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    dtm: DTMConfig = field(default_factory=DTMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        tokens = self.model.grid**2
+        if max(self.dtm.n_max) > tokens:
+            raise ValueError(f"dtm.n_max {self.dtm.n_max} exceeds the {tokens} tokens of the student's grid")
+        if not 0 <= self.data.num_masked <= tokens:
+            raise ValueError(f"data.num_masked {self.data.num_masked} must be in [0, {tokens}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "teacher": TeacherConfig, "dtm": DTMConfig, "data": DataConfig,
+             "optim": OptimConfig, "run": RunConfig}
+_VIT = {
+    "vits": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "vitb": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "vitl": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "layer_scale": 1e-5, "drop_path": 0.2},
+    "vith": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "layer_scale": 1e-5, "drop_path": 0.3, "patch_size": 14},
+}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    **{name: {"model": model} for name, model in _VIT.items()},
+    # CPU: a small ViT on 32 px Fashion-MNIST with the weight-free pixels teacher.
+    "tiny": {
+        "model": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "drop_path": 0.0},
+        "teacher": {"name": "pixels"},
+        "dtm": {"n_max": [64, 64], "k_max": [8, 8]},
+        "data": {"path": "fashion_mnist", "backend": "torchvision", "workers": 1, "num_masked": 24, "min_mask_block": 4,
+                 "min_crop_scale": 0.5},
+        "optim": {"epochs": 5, "warmup_epochs": 0.5, "lr": 4e-3},
+        "run": {"save_every": 200, "log_every": 10, "vis_every": 200},
+    },
+}
+# vith/14 at 224 px has a 16x16 grid: the DTM defaults follow the token count.
+PRESETS["vith"]["dtm"] = {"n_max": [256, 256], "k_max": [16, 16]}
+PRESETS["vith"]["data"] = {"num_masked": 98}
+
+
+def build_config(preset: str = "vitb", overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the preset, then dotted overrides such as {"optim.lr": 1e-3, "run.output_dir": "x"}."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    tree = Config().to_dict()
+    for section, values in PRESETS[preset].items():
+        tree[section].update(values)
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if section not in tree or name not in tree[section]:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {_valid_keys(tree)}")
+        tree[section][name] = value
+    return from_dict(tree)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    unknown = set(tree) - set(_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown config sections {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
+    parts = {name: kind(**tree.get(name, {})) for name, kind in _SECTIONS.items()}
+    parts["optim"].betas = tuple(parts["optim"].betas)
+    return Config(**parts)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def load_config(path: str | Path) -> Config:
+    return from_dict(json.loads(Path(path).read_text()))
+
+
+def _valid_keys(tree: dict[str, Any]) -> str:
+    return ", ".join(f"{s}.{k}" for s, values in tree.items() for k in values)

@@ -1,0 +1,160 @@
+"""Frozen teachers: images normalised for the student [B, 3, H, W] -> targets [B, N, D] on the student's grid.
+
+Weights come only from local files the user names; nothing is downloaded.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dtm_ds.config import ModelConfig, TeacherConfig
+from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Teacher(nn.Module):
+    """Frozen wrapper: re-normalises the input, runs ``encode`` in ``dtype`` without autograd, returns fp32."""
+
+    def __init__(self, encoder: nn.Module, dim: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32):
+        super().__init__()
+        self.encoder, self.dim, self.dtype = encoder.eval().requires_grad_(False), dim, dtype
+        # x_teacher = (x_student * std_s + mean_s - mean_t) / std_t, folded into one affine map
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True):  # always in eval mode (no dropout, frozen norms)
+        return super().train(False)
+
+    @torch.no_grad()  # there is no backpropagation through the teacher, so no need for gradients
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() * self.scale + self.shift).to(self.dtype)
+        return self.encode(x).float()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+class PixelTeacher(Teacher):
+    """Per-patch normalised pixels (mean 0, variance 1 over each patch's p*p*3 values); no weights."""
+
+    def __init__(self, patch_size: int):
+        super().__init__(nn.Identity(), 3 * patch_size**2)
+        self.patch_size = patch_size
+
+    def encode(self, x):
+        p = self.patch_size
+        patches = nn.functional.unfold(x, p, stride=p).transpose(1, 2)  # (B, N, 3*p*p)
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True, unbiased=False)
+        return (patches - mean) / (var + 1e-6).sqrt()
+
+
+class ClipTeacher(Teacher):
+    """open_clip vision tower: patch tokens after ``ln_post``, projected by ``proj`` (CLS excluded)."""
+
+    def encode(self, x):
+        _, tokens = self.encoder(x)
+        return tokens @ self.encoder.proj.to(tokens.dtype)
+
+
+class TokenTeacher(Teacher):
+    """timm ViT or a dtm_ds student: final-norm tokens of ``forward_features`` without prefix tokens."""
+
+    def encode(self, x):
+        return self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens :]
+
+
+def build_teacher(cfg: TeacherConfig, model: ModelConfig, device: torch.device) -> Teacher:
+    """The teacher named by ``cfg``, checked against the student's grid, on ``device`` in its dtype."""
+    kind, _, name = cfg.name.partition(":")
+    dtype = _dtype(cfg.dtype, device)
+    if kind == "pixels":
+        teacher = PixelTeacher(model.patch_size)
+    elif kind == "clip":
+        teacher = _clip(name, _weights_file(cfg), model, cfg.input_norm)
+    elif kind == "timm":
+        teacher = _timm(name, _weights_file(cfg), model, cfg.input_norm)
+    else:
+        teacher = _checkpoint(name, model)
+    teacher.dtype = dtype
+    teacher = teacher.to(device=device)
+    teacher.encoder.to(dtype)
+    with torch.no_grad():
+        probe = teacher(torch.zeros(1, 3, model.img_size, model.img_size, device=device))
+    if probe.shape[1] != model.grid**2:
+        raise ValueError(f"teacher {cfg.name} gives {probe.shape[1]} tokens for {model.img_size} px input, the "
+                         f"student has a {model.grid}x{model.grid} grid ({model.grid ** 2} tokens)")
+    return teacher
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "fp16" and device.type == "cpu":
+        raise ValueError("teacher.dtype fp16 is not supported on CPU; use fp32 or bf16")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _weights_file(cfg: TeacherConfig) -> Path:
+    if not cfg.weights:
+        raise ValueError(f"teacher {cfg.name} needs teacher.weights=<local file>; nothing is downloaded")
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights file {path} does not exist")
+    return path
+
+
+def _norm(input_norm: str, mean, std):
+    return (IMAGENET_MEAN, IMAGENET_STD) if input_norm == "student" else (mean, std)
+
+
+def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teacher:
+    import open_clip
+
+    try:  # an OpenAI TorchScript archive
+        state = torch.jit.load(str(weights), map_location="cpu").state_dict()
+        clip = open_clip.model.build_model_from_openai_state_dict(state)
+    except RuntimeError:  # an open_clip state dict
+        clip = open_clip.create_model(name, pretrained=None)
+        _load_state(clip, _read_state(weights), f"clip:{name}", weights)
+    visual = clip.visual
+    if tuple(visual.image_size) != (model.img_size, model.img_size):
+        raise ValueError(f"teacher clip:{name} expects {tuple(visual.image_size)} px input, the student uses "
+                         f"{model.img_size} px")
+    visual.output_tokens = True
+    return ClipTeacher(visual, visual.proj.shape[1], *_norm(input_norm, CLIP_MEAN, CLIP_STD))
+
+
+def _timm(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teacher:
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=0, img_size=model.img_size)
+    _load_state(net, _read_state(weights), f"timm:{name}", weights)
+    cfg = net.pretrained_cfg
+    return TokenTeacher(net, net.num_features, *_norm(input_norm, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)))
+
+
+def _checkpoint(path: str, model: ModelConfig) -> Teacher:
+    from dtm_ds.checkpoint import load_student
+
+    student = load_student(path)
+    return TokenTeacher(student, student.embed_dim)
+
+
+def _read_state(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def _load_state(net: nn.Module, state: dict, name: str, path: Path) -> None:
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights {path} do not fit teacher {name}: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]} (of {len(missing)} / {len(unexpected)})")

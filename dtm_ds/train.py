@@ -1,0 +1,233 @@
+"""DTM pretraining.
+
+    deepspeed dtm_ds/train.py --ds_config ds_configs/zero2_bf16.json --model vitb --output_dir out \
+        --data.path=train.beton --teacher.weights=ViT-B-16.pt
+    python dtm_ds/train.py --ds_config ds_configs/cpu.json --model tiny --output_dir out --max_steps 100
+
+Any config field is overridable as ``--<section>.<field>=value``; the resolved config is saved as
+``<output_dir>/config.json``. A run resumes from the latest complete checkpoint in its output_dir.
+"""
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: the package folder must not shadow top-level modules
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import fire
+import numpy as np
+import torch
+
+from dtm_ds import checkpoint, distributed
+from dtm_ds.config import Config, build_config, save_config
+from dtm_ds.data import LoaderSpec, PretrainLoader
+from dtm_ds.logs import RunLog
+from dtm_ds.morph import dtm_loss, sample_schedule
+from dtm_ds.student import DTMStudent
+from dtm_ds.teacher import build_teacher
+
+
+def engine_config(path: str, world: int, batch_size: int | None) -> dict:
+    """The DeepSpeed JSON with ``train_batch_size`` checked against micro batch x accumulation x world."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    cfg = json.loads(Path(path).read_text())
+    micro, accum = cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1)
+    if not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")
+    derived = micro * accum * world
+    for name, value in (("train_batch_size in " + path, cfg.get("train_batch_size")), ("optim.batch_size", batch_size)):
+        if value is not None and value != derived:
+            raise ValueError(f"{name} = {value} but micro batch {micro} x accumulation {accum} x world {world} = "
+                             f"{derived}; make them agree")
+    return cfg | {"train_batch_size": derived}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms (all 1-D tensors), tokens and relative-position tables."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table")
+            (no_decay if plain else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine from 1 to ``min_ratio`` at ``total`` (a multiplier of the peak lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Builds the student engine, teacher and loader; ``fit()`` trains, logs, checkpoints and resumes."""
+
+    def __init__(self, config: Config, ds_config: dict, device: torch.device):
+        import deepspeed
+
+        self.config, self.device = config, device
+        self.rank, self.world = distributed.rank(), distributed.world()
+        self.teacher = build_teacher(config.teacher, config.model, device)
+        self.loader = PretrainLoader(_loader_spec(config, ds_config, self.rank, self.world), device)
+        student = DTMStudent(config.model, self.teacher.dim)
+        o, accum = config.optim, ds_config.get("gradient_accumulation_steps", 1)
+        self.steps_per_epoch = self.loader.batches_per_epoch // accum
+        self.total_steps = o.epochs * self.steps_per_epoch
+        peak = o.lr * math.sqrt(ds_config["train_batch_size"] / 2048)
+        optimizer = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=peak, betas=o.betas, eps=o.eps)
+        warmup = round(o.warmup_epochs * self.steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.total_steps, warmup, o.min_lr / peak)
+        )
+        self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=ds_config)
+        self.dtype = {True: torch.bfloat16}.get(ds_config.get("bf16", {}).get("enabled"), torch.float32)
+        if ds_config.get("fp16", {}).get("enabled"):
+            self.dtype = torch.float16
+        self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nonfinite_total": 0}
+        self.nonfinite_run = 0
+        self.stop_requested = False
+
+    def schedule_for(self, micro: int) -> torch.Tensor:
+        """The DTM schedule of a micro-step: a pure function of (seed, micro-step), identical on all ranks."""
+        gen = torch.Generator().manual_seed(self.config.run.seed * 1_000_003 + micro)
+        return sample_schedule(self.config.dtm.n_max, self.config.dtm.k_max, gen)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One micro-step: teacher targets, masked student forward, DTM loss, backward and engine step."""
+        dtm, micro = self.config.dtm, self.state["micro"]
+        torch.manual_seed(int(np.random.default_rng([self.config.run.seed, micro, self.rank]).integers(2**62)))
+        t0 = time.perf_counter()
+        targets = self.teacher(batch["images"])  # (B, N, D)
+        t1 = time.perf_counter()
+        pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
+        t2 = time.perf_counter()
+        levels = dtm_loss(pred, targets, self.schedule_for(micro).to(self.device), dtm.loss, dtm.beta,
+                          dtm.protect_first, per_level=True)
+        loss = levels.mean()
+        t3 = time.perf_counter()
+        out = {"loss": loss.item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
+        if distributed.any_true(not math.isfinite(out["loss"]), self.device):
+            self.state["nonfinite_total"] += 1
+            self.nonfinite_run += 1
+            self.engine.zero_grad()
+            return out | {"skipped": 1.0}
+        self.nonfinite_run = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        t4 = time.perf_counter()
+        return out | {"time_teacher": t1 - t0, "time_student": t2 - t1 + t4 - t3, "time_dtm": t3 - t2}
+
+    def fit(self) -> dict[str, float]:
+        run = self.config.run
+        self._resume()
+        log = RunLog(run.output_dir, self.rank == 0, self.total_steps, self.state["step"])
+        max_steps = min(run.max_steps or self.total_steps, self.total_steps)
+        last = {}
+        signal.signal(signal.SIGTERM, self._request_stop)
+        while self.state["step"] < max_steps and not self.stop_requested:
+            epoch, start = self.state["epoch"], self.state["batch"]
+            data_start = time.perf_counter()
+            for batch in self.loader.epoch(epoch, start):
+                data_time = time.perf_counter() - data_start
+                last = self.train_step(batch) | {"time_data": data_time}
+                self._advance()
+                if self.nonfinite_run >= run.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{self.nonfinite_run} non-finite losses in a row at step {self.state['step']}; the last "
+                        f"good checkpoint in {checkpoint.checkpoint_dir(run.output_dir)} is intact"
+                    )
+                if self._at_boundary():
+                    self._after_step(log, last, batch, max_steps)
+                if self.state["step"] >= max_steps or self.stop_requested:
+                    break
+                data_start = time.perf_counter()
+        self._save()
+        log.close()
+        return last
+
+    def _at_boundary(self) -> bool:
+        return self.state["micro"] % self.engine.gradient_accumulation_steps() == 0
+
+    def _advance(self) -> None:
+        s = self.state
+        s["micro"] += 1
+        s["batch"] += 1
+        if s["batch"] == self.loader.batches_per_epoch:
+            s["epoch"], s["batch"] = s["epoch"] + 1, 0
+        s["step"] = self.engine.global_steps
+
+    def _after_step(self, log, out: dict, batch, max_steps: int) -> None:
+        run, step = self.config.run, self.state["step"]
+        extra = {"lr": self.engine.get_lr()[0], "epoch": self.state["epoch"],
+                 "nonfinite_total": self.state["nonfinite_total"]}
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            extra["grad_norm"] = float(norm)
+        log.step(step, out | extra, self.engine.train_batch_size())
+        if run.vis_every and step % run.vis_every == 0 and self.rank == 0:
+            from dtm_ds.visualize import morph_figure
+
+            log.image(step, morph_figure(batch["images"][:4], self.teacher, self.config, self.schedule_for(0)))
+        if step % run.save_every == 0 and step < max_steps:
+            self._save()
+
+    def _save(self) -> None:
+        if self.state["step"] == 0:
+            return
+        state = self.state | {"config": self.config.to_dict()}
+        checkpoint.save(self.engine, self.config.run.output_dir, self.state["step"], state, self.config.run.keep_last)
+
+    def _resume(self) -> None:
+        tag = checkpoint.latest_tag(self.config.run.output_dir)
+        if tag is None:
+            return
+        _, client = self.engine.load_checkpoint(str(checkpoint.checkpoint_dir(self.config.run.output_dir)), tag)
+        self.state = {k: client[k] for k in self.state}
+        if self.rank == 0:
+            print(f"resumed from {tag}: step {self.state['step']}, epoch {self.state['epoch']} batch "
+                  f"{self.state['batch']}", flush=True)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+
+def _loader_spec(config: Config, ds_config: dict, rank: int, world: int) -> LoaderSpec:
+    d, m = config.data, config.model
+    return LoaderSpec(
+        path=d.path, batch_size=ds_config["train_micro_batch_size_per_gpu"], image_size=m.img_size,
+        patch_size=m.patch_size, min_crop_scale=d.min_crop_scale, jitter=d.jitter, num_masked=d.num_masked,
+        min_mask_block=d.min_mask_block, seed=config.run.seed, rank=rank, world=world, workers=d.workers,
+        backend=d.backend,
+    )
+
+
+def main(ds_config: str = "ds_configs/cpu.json", model: str = "vitb", output_dir: str | None = None,
+         max_steps: int | None = None, local_rank: int | None = None, **overrides) -> None:
+    """Pretrain preset ``model`` (tiny, vits, vitb, vitl, vith) with DeepSpeed config ``ds_config``."""
+    overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
+    if output_dir is not None:
+        overrides["run.output_dir"] = output_dir
+    if max_steps is not None:
+        overrides["run.max_steps"] = max_steps
+    config = build_config(model, overrides)
+    device = distributed.init(local_rank)
+    engine_cfg = engine_config(ds_config, distributed.world(), config.optim.batch_size)
+    Path(config.run.output_dir).mkdir(parents=True, exist_ok=True)
+    if distributed.rank() == 0:
+        save_config(config, Path(config.run.output_dir) / "config.json")
+    trainer = Trainer(config, engine_cfg, device)
+    last = trainer.fit()
+    if distributed.rank() == 0:
+        print(json.dumps({"done": True, "step": trainer.state["step"], "loss": last.get("loss")}), flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
