@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup sysdeps test lint format bench clean
+.PHONY: setup sysdeps test lint format bench clean demo pretrain
 
 setup: $(STAMP)
 
@@ -44,6 +44,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+
+demo: $(STAMP)
+	$(PY) -m dtm_ds.demo --out outputs/demo
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

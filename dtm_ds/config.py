@@ -158,7 +158,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "drop_path": 0.0},
         "teacher": {"name": "pixels"},
         "dtm": {"n_max": [64, 64], "k_max": [8, 8]},
-        "data": {"path": "fashion_mnist", "backend": "torchvision", "workers": 1, "num_masked": 24, "min_mask_block": 4,
+        "data": {"path": "fashion_mnist", "backend": "torchvision", "workers": 2, "num_masked": 24, "min_mask_block": 4,
                  "min_crop_scale": 0.5},
         "optim": {"epochs": 5, "warmup_epochs": 0.5, "lr": 4e-3},
         "run": {"save_every": 200, "log_every": 10, "vis_every": 200},

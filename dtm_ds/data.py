@@ -1,9 +1,11 @@
 """Pretraining and evaluation input pipelines: FFCV (default) or torchvision ImageFolder.
 
-Determinism: a rank's sample order is a function of (seed, epoch, rank, world); crop parameters are a
-function of the seed and the sample's place in its batch; flips, colour jitter and masks come from a
-generator seeded with (seed, epoch, batch). So a run resumed at (epoch, batch) sees exactly the
-batches it would have seen, and FFCV's decode threads never share a random state.
+Determinism: a rank's sample order is a function of (seed, epoch, rank, world); flips, colour jitter
+and masks are functions of (seed, epoch, sample); crops are functions of (seed, epoch, sample) with the
+torchvision backend and of (seed, sample, its batch's first and last ids) with FFCV, whose decoder
+sees no epoch. So a run resumed at (epoch, batch) sees exactly the batches it would have seen, FFCV's
+decode threads never share a random state, and (torchvision backend) the same sample gets the same
+augmentation whatever the number of ranks.
 """
 
 from collections.abc import Iterator
@@ -66,25 +68,18 @@ def epoch_order(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
     return perm[spec.rank : per_rank * spec.world : spec.world][: batches * spec.batch_size]
 
 
-def batch_generator(spec: LoaderSpec, epoch: int, batch: int, device: torch.device) -> torch.Generator:
-    """Generator for the on-device augmentations of one batch (host generator for masks below)."""
-    seed = int(np.random.default_rng([spec.seed, epoch, batch, spec.rank]).integers(2**62))
-    return torch.Generator(device=device).manual_seed(seed)
+def augment_on_device(images: torch.Tensor, draws: torch.Tensor, jitter: float) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float [B, 3, H, W] in [0, 1] on the images' device: horizontal flip, then
+    brightness, contrast and saturation with factors in [1 - jitter, 1 + jitter].
 
-
-def augment_on_device(images: torch.Tensor, gen: torch.Generator, jitter: float, flip: bool = True) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float [B, 3, H, W] in [0, 1]: horizontal flip, then brightness, contrast and
-    saturation jitter with factors in [1 - jitter, 1 + jitter], per sample, on the images' device."""
+    ``draws`` [B, 4] holds each sample's uniforms in [0, 1): flip, then the three jitter factors."""
     x = images.float().div_(255)
-    b = x.shape[0]
-    if flip:
-        flipped = torch.rand(b, generator=gen, device=x.device) < 0.5
-        x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    draws = draws.to(x.device, x.dtype, non_blocking=True)
+    x = torch.where((draws[:, 0] < 0.5)[:, None, None, None], x.flip(-1), x)
     if jitter > 0:
-        factors = 1 + jitter * (2 * torch.rand(3, b, 1, 1, 1, generator=gen, device=x.device) - 1)
+        factors = (1 + jitter * (2 * draws[:, 1:] - 1)).T[..., None, None, None]  # (3, B, 1, 1, 1)
         x = (x * factors[0]).clamp_(0, 1)  # brightness
-        grey = _grey(x)
-        x = torch.lerp(grey.mean((-2, -1), keepdim=True), x, factors[1]).clamp_(0, 1)  # contrast
+        x = torch.lerp(_grey(x).mean((-2, -1), keepdim=True), x, factors[1]).clamp_(0, 1)  # contrast
         x = torch.lerp(_grey(x), x, factors[2]).clamp_(0, 1)  # saturation
     return x
 
@@ -120,12 +115,14 @@ class PretrainLoader:
         self.batches_per_epoch = len(epoch_order(self.source.num_samples, spec, 0)) // spec.batch_size
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        order = epoch_order(self.source.num_samples, self.spec, epoch)[start_batch * self.spec.batch_size :]
-        for batch, (images, labels) in enumerate(self.source.batches(order, epoch), start_batch):
-            gen = batch_generator(self.spec, epoch, batch, self.device)
-            x = normalize(augment_on_device(images.to(self.device, non_blocking=True), gen, self.spec.jitter))
-            masks = self.masking.batch(len(x), np.random.default_rng([self.spec.seed, epoch, batch, self.spec.rank]))
-            yield {"images": x, "masks": torch.from_numpy(masks).to(self.device), "labels": labels.to(self.device)}
+        bs = self.spec.batch_size
+        order = epoch_order(self.source.num_samples, self.spec, epoch)[start_batch * bs :]
+        for k, (images, labels) in enumerate(self.source.batches(order, epoch)):
+            rngs = [np.random.default_rng([self.spec.seed, epoch, int(i)]) for i in order[k * bs : (k + 1) * bs]]
+            draws = torch.from_numpy(np.stack([r.random(4) for r in rngs]))  # (B, 4) flip + jitter uniforms
+            masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
+            x = normalize(augment_on_device(images.to(self.device, non_blocking=True), draws, self.spec.jitter))
+            yield {"images": x, "masks": masks.to(self.device), "labels": labels.to(self.device)}
 
 
 def check_beton(path: str | Path) -> int:

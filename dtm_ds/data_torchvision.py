@@ -39,14 +39,10 @@ class FolderSource:
         self.num_samples = len(self.dataset)
 
     def batches(self, order: np.ndarray, epoch: int):
-        bs, seed = self.spec.batch_size, self.spec.seed
-        items = []
-        for start in range(0, len(order), bs):
-            ids = order[start : start + bs]
-            items += [(int(i), sample_key(seed, int(i), int(ids[0]), int(ids[-1]))) for i in ids]
+        items = [(int(i), sample_key(self.spec.seed, int(i), epoch, 0)) for i in order]  # crops keyed by epoch
         loader = DataLoader(
             self.dataset,
-            batch_size=bs,
+            batch_size=self.spec.batch_size,
             sampler=items,
             num_workers=self.spec.workers,
             drop_last=True,

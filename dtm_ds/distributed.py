@@ -49,3 +49,12 @@ def any_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average of each value over the ranks (a collective: every rank calls it with the same keys)."""
+    if world() == 1 or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, (t / world()).tolist(), strict=True))

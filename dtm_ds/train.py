@@ -76,6 +76,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world()
         self.teacher = build_teacher(config.teacher, config.model, device)
         self.loader = PretrainLoader(_loader_spec(config, ds_config, self.rank, self.world), device)
+        torch.manual_seed(config.run.seed)  # the same initial student whatever the world size
         student = DTMStudent(config.model, self.teacher.dim)
         o, accum = config.optim, ds_config.get("gradient_accumulation_steps", 1)
         self.steps_per_epoch = self.loader.batches_per_epoch // accum
@@ -171,7 +172,9 @@ class Trainer:
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             extra["grad_norm"] = float(norm)
-        log.step(step, out | extra, self.engine.train_batch_size())
+        if step % run.log_every == 0 or step == max_steps:
+            losses = {k: v for k, v in out.items() if k.startswith("loss")}
+            log.step(step, out | distributed.mean(losses, self.device) | extra, self.engine.train_batch_size())
         if run.vis_every and step % run.vis_every == 0 and self.rank == 0:
             from dtm_ds.visualize import morph_figure
 

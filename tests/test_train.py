@@ -1,0 +1,168 @@
+"""Pretraining with the real DeepSpeed engine on CPU (gloo), tiny models and generated data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtm_ds.config import TeacherConfig, build_config
+from dtm_ds.morph import dtm_loss
+from dtm_ds.student import DTMStudent
+from dtm_ds.teacher import build_teacher
+from dtm_ds.train import engine_config, param_groups
+from tests.conftest import write_class_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip config registered under 'dtm-test-clip' and weights saved by the test."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "dtm-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    weights = folder / "weights.pt"
+    torch.save(open_clip.create_model("dtm-test-clip", pretrained=None).state_dict(), weights)
+    return str(weights)
+
+
+def test_student_gets_all_gradients_and_clip_teacher_none(tiny_clip):
+    config = build_config("tiny", {"teacher.name": "clip:dtm-test-clip", "teacher.weights": tiny_clip,
+                                   "model.drop_path": 0.1})
+    teacher = build_teacher(config.teacher, config.model, torch.device("cpu"))
+    student = DTMStudent(config.model, teacher.dim)
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, ::3] = True
+    targets = teacher(images)
+    assert targets.shape == (2, 64, 16) and not targets.requires_grad
+    dtm_loss(student(images, mask), targets, torch.tensor([[8, 8, 0], [0, 0, 0]])).backward()
+    missing = [n for n, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert all(p.grad is None for p in teacher.parameters())
+    own = TeacherConfig(name="clip:dtm-test-clip", weights=tiny_clip, input_norm="student")
+    assert not torch.allclose(build_teacher(own, config.model, torch.device("cpu"))(images), targets)
+
+
+def test_teacher_and_config_errors(tiny_clip, tmp_path):
+    cpu = torch.device("cpu")
+    tiny = build_config("tiny")
+    with pytest.raises(FileNotFoundError, match="teacher weights file /nowhere/clip.pt does not exist"):
+        build_teacher(TeacherConfig(name="clip:dtm-test-clip", weights="/nowhere/clip.pt"), tiny.model, cpu)
+    with pytest.raises(ValueError, match="needs teacher.weights"):
+        build_teacher(TeacherConfig(name="clip:dtm-test-clip"), tiny.model, cpu)
+    wide = build_config("tiny", {"model.img_size": 64, "dtm.n_max": [64, 64]}).model
+    with pytest.raises(ValueError, match=r"expects \(32, 32\) px input, the student uses 64 px"):
+        build_teacher(TeacherConfig(name="clip:dtm-test-clip", weights=tiny_clip), wide, cpu)
+    torch.save({"visual.nonsense": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="do not fit teacher clip:dtm-test-clip"):
+        build_teacher(TeacherConfig(name="clip:dtm-test-clip", weights=str(tmp_path / "bad.pt")), tiny.model, cpu)
+    with pytest.raises(ValueError, match="unknown model preset 'vitx'"):
+        build_config("vitx")
+    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+        build_config("tiny", {"optim.lrr": 1.0})
+    with pytest.raises(ValueError, match="dtm.n_max .* exceeds the 64 tokens"):
+        build_config("tiny", {"dtm.n_max": [65, 65]})
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 32}))
+    with pytest.raises(ValueError, match=r"train_batch_size in .*ds.json = 32 but micro batch 8 x accumulation 1 x "
+                                         r"world 2 = 16"):
+        engine_config(str(tmp_path / "ds.json"), 2, None)
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ValueError, match="optim.batch_size = 64 but micro batch 8"):
+        engine_config(str(tmp_path / "ds.json"), 2, 64)
+
+
+def test_no_weight_decay_groups():
+    student = DTMStudent(build_config("tiny").model, 48)
+    decay, plain = param_groups(student, 0.05)
+    names = {id(p): n for n, p in student.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert {"mask_token", "cls_token", "rel_pos_bias.relative_position_bias_table", "lm_head.bias"} <= plain_names
+    assert all(p.ndim > 1 for p in decay["params"]) and "lm_head.weight" in {names[id(p)] for p in decay["params"]}
+
+
+def _ds_json(path: Path, micro: int, stage: int = 0) -> str:
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro, "gradient_clipping": 3.0,
+                                "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                                "steps_per_print": 10**9}))
+    return str(path)
+
+
+def _train_cmd(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "dtm_ds/train.py", "--ds_config", ds, "--model", "tiny", "--output_dir", str(out),
+            "--max_steps", str(steps), f"--data.path={data}", "--data.workers=0", "--run.log_every=1",
+            "--run.save_every=4", "--run.vis_every=0", "--optim.warmup_epochs=0.1", *extra]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # a replayed step keeps its last value
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_class_folder(root / "imgs", {"a": 20, "b": 20}, size=(40, 40))
+    return root / "imgs"
+
+
+def _env():
+    return os.environ | {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_train_and_lose_loss(folder, tmp_path, stage):
+    out = tmp_path / f"z{stage}"
+    steps = 24 if stage == 0 else 3
+    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, stage), steps, "--optim.lr=0.02")
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{steps:08d}"
+    if stage == 0:
+        first, last = sum(losses[s] for s in range(1, 5)) / 4, sum(losses[s] for s in range(steps - 3, steps + 1)) / 4
+        assert last < 0.8 * first, (first, last)
+
+
+def test_sigkill_then_resume_gives_the_same_losses(folder, tmp_path):
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    subprocess.run(_train_cmd(folder, tmp_path / "a", ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    cmd = _train_cmd(folder, tmp_path / "b", ds, 12)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        (tmp_path / "b" / "metrics.jsonl").exists() and len(_losses(tmp_path / "b")) >= 6
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(tmp_path / "b"))
+    assert 6 <= killed_at < 12
+    done = subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert "resumed from step0000000" in done.stdout
+    torch.testing.assert_close(_losses(tmp_path / "b"), _losses(tmp_path / "a"), rtol=1e-6, atol=0)
+
+
+def test_two_ranks_match_one_rank(folder, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_train_cmd(folder, one, _ds_json(tmp_path / "ds8.json", 8), 2), check=True, cwd=ROOT, env=_env(),
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613"]
+    cmd = torchrun + _train_cmd(folder, two, _ds_json(tmp_path / "ds4.json", 4), 2)[1:]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    first_one, first_two = _losses(one)[1], _losses(two)[1]
+    assert abs(first_one - first_two) < 1e-5 * abs(first_one), (first_one, first_two)
