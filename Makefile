@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup sysdeps test lint format bench clean demo pretrain
+.PHONY: setup sysdeps test lint format bench clean demo pretrain data-imagenet
 
 setup: $(STAMP)
 
@@ -44,6 +44,27 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+
+# Pretraining on GPUs: make pretrain MODEL=vitb DATA=train.beton TEACHER_WEIGHTS=ViT-B-16.pt NGPUS=8
+MODEL ?= vitb
+NGPUS ?= 1
+DS_CONFIG ?= ds_configs/zero2_bf16.json
+TEACHER ?= clip:ViT-B-16
+OUT ?= outputs/pretrain_$(MODEL)
+pretrain: $(STAMP)
+	@test -n "$(DATA)" || { echo "set DATA=<train .beton> (make data-imagenet writes one)"; exit 2; }
+	$(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) dtm_ds/train.py \
+	  --ds_config $(DS_CONFIG) --model $(MODEL) --output_dir $(OUT) --data.path=$(DATA) \
+	  --teacher.name=$(TEACHER) $(if $(TEACHER_WEIGHTS),--teacher.weights=$(TEACHER_WEIGHTS)) $(ARGS)
+
+# ImageNet -> FFCV: make data-imagenet IMAGENET=/data/imagenet OUT_DATA=data
+OUT_DATA ?= data
+data-imagenet: $(STAMP)
+	@test -n "$(IMAGENET)" || { echo "set IMAGENET=<root with train/ and val/>"; exit 2; }
+	$(PY) -m data_prep.write_ffcv $(IMAGENET) --split train --out $(OUT_DATA)/imagenet_train.beton \
+	  --max_side 512 --write_mode proportion --compress_probability 0.5 --workers $$(nproc)
+	$(PY) -m data_prep.write_ffcv $(IMAGENET) --split val --out $(OUT_DATA)/imagenet_val.beton \
+	  --max_side 512 --write_mode jpg --workers $$(nproc)
 
 demo: $(STAMP)
 	$(PY) -m dtm_ds.demo --out outputs/demo

@@ -88,6 +88,7 @@ def load_student(path: str | Path):
     student = DTMStudent(model, 1)
     missing, unexpected = student.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
     if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
-        raise ValueError(f"{path} does not fit the student of {path}.json: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+        raise ValueError(
+            f"{path} does not fit the student of {path}.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return student

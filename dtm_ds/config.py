@@ -55,8 +55,10 @@ class TeacherConfig:
     def __post_init__(self):
         kind = self.name.split(":", 1)[0]
         if kind not in ("clip", "timm", "checkpoint", "pixels") or (kind != "pixels" and ":" not in self.name):
-            raise ValueError(f"teacher.name must be 'clip:<model>', 'timm:<model>', 'checkpoint:<path>' or 'pixels', "
-                             f"got {self.name!r}")
+            raise ValueError(
+                f"teacher.name must be 'clip:<model>', 'timm:<model>', 'checkpoint:<path>' or 'pixels', "
+                f"got {self.name!r}"
+            )
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"teacher.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.input_norm not in ("own", "student"):
@@ -143,8 +145,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "teacher": TeacherConfig, "dtm": DTMConfig, "data": DataConfig,
-             "optim": OptimConfig, "run": RunConfig}
+_SECTIONS = {
+    "model": ModelConfig,
+    "teacher": TeacherConfig,
+    "dtm": DTMConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
 _VIT = {
     "vits": {"embed_dim": 384, "depth": 12, "num_heads": 6},
     "vitb": {"embed_dim": 768, "depth": 12, "num_heads": 12},
@@ -158,8 +166,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "model": {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "drop_path": 0.0},
         "teacher": {"name": "pixels"},
         "dtm": {"n_max": [64, 64], "k_max": [8, 8]},
-        "data": {"path": "fashion_mnist", "backend": "torchvision", "workers": 2, "num_masked": 24, "min_mask_block": 4,
-                 "min_crop_scale": 0.5},
+        "data": {
+            "path": "fashion_mnist",
+            "backend": "torchvision",
+            "workers": 2,
+            "num_masked": 24,
+            "min_mask_block": 4,
+            "min_crop_scale": 0.5,
+        },
         "optim": {"epochs": 5, "warmup_epochs": 0.5, "lr": 4e-3},
         "run": {"save_every": 200, "log_every": 10, "vis_every": 200},
     },

@@ -25,25 +25,65 @@ def main(out: str = "outputs/demo", per_class: int = 1500, epochs: int = 2, knn_
     beton, run = out / "fashion_mnist_train.beton", out / "run"
     out.mkdir(parents=True, exist_ok=True)
     if not beton.exists():
-        _run(sys.executable, "-m", "data_prep.write_ffcv", "fashion_mnist", "--out", str(beton),
-             "--per_class", str(per_class), "--write_mode", "raw")
-    _run(sys.executable, "dtm_ds/train.py", "--ds_config", "ds_configs/cpu.json", "--model", "tiny",
-         "--output_dir", str(run), f"--data.path={beton}", "--data.backend=ffcv", "--data.workers=2",
-         f"--optim.epochs={epochs}", "--optim.warmup_epochs=0.2")
+        _run(
+            sys.executable,
+            "-m",
+            "data_prep.write_ffcv",
+            "fashion_mnist",
+            "--out",
+            str(beton),
+            "--per_class",
+            str(per_class),
+            "--write_mode",
+            "raw",
+        )
+    _run(
+        sys.executable,
+        "dtm_ds/train.py",
+        "--ds_config",
+        "ds_configs/cpu.json",
+        "--model",
+        "tiny",
+        "--output_dir",
+        str(run),
+        f"--data.path={beton}",
+        "--data.backend=ffcv",
+        "--data.workers=2",
+        f"--optim.epochs={epochs}",
+        "--optim.warmup_epochs=0.2",
+    )
     png = str(out / "dtm_groups.png")
     _run(sys.executable, "-m", "dtm_ds", "visualize", str(run), "--out", png)
     results = {}
     for name, flag in (("pretrained", "--norandom_init"), ("random_init", "--random_init")):
         knn = subprocess.run(
-            [sys.executable, "eval/knn.py", "--encoder", str(run), "--train_per_class", str(knn_per_class),
-             "--crop_ratio", "1.0", flag], check=True, cwd=ROOT, capture_output=True, text=True)
+            [
+                sys.executable,
+                "eval/knn.py",
+                "--encoder",
+                str(run),
+                "--train_per_class",
+                str(knn_per_class),
+                "--crop_ratio",
+                "1.0",
+                flag,
+            ],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         results[name] = json.loads(knn.stdout.strip().splitlines()[-1])["top1"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = {
-        "final_loss": metrics[-1]["loss"], "steps": metrics[-1]["step"],
-        "knn_top1_pretrained": results["pretrained"], "knn_top1_random_init": results["random_init"],
+        "final_loss": metrics[-1]["loss"],
+        "steps": metrics[-1]["step"],
+        "knn_top1_pretrained": results["pretrained"],
+        "knn_top1_random_init": results["random_init"],
         "img_per_s_median": sorted(m["img_per_s"] for m in metrics)[len(metrics) // 2],
-        "tensorboard": str(run / "tb"), "checkpoint": str(run / "checkpoints"), "groups_png": png,
+        "tensorboard": str(run / "tb"),
+        "checkpoint": str(run / "checkpoints"),
+        "groups_png": png,
     }
     print("\n=== dtm_ds demo ===")
     for key, value in summary.items():

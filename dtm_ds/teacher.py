@@ -86,8 +86,10 @@ def build_teacher(cfg: TeacherConfig, model: ModelConfig, device: torch.device) 
     with torch.no_grad():
         probe = teacher(torch.zeros(1, 3, model.img_size, model.img_size, device=device))
     if probe.shape[1] != model.grid**2:
-        raise ValueError(f"teacher {cfg.name} gives {probe.shape[1]} tokens for {model.img_size} px input, the "
-                         f"student has a {model.grid}x{model.grid} grid ({model.grid ** 2} tokens)")
+        raise ValueError(
+            f"teacher {cfg.name} gives {probe.shape[1]} tokens for {model.img_size} px input, the "
+            f"student has a {model.grid}x{model.grid} grid ({model.grid**2} tokens)"
+        )
     return teacher
 
 
@@ -123,8 +125,9 @@ def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teac
         _load_state(clip, _read_state(weights), f"clip:{name}", weights)
     visual = clip.visual
     if tuple(visual.image_size) != (model.img_size, model.img_size):
-        raise ValueError(f"teacher clip:{name} expects {tuple(visual.image_size)} px input, the student uses "
-                         f"{model.img_size} px")
+        raise ValueError(
+            f"teacher clip:{name} expects {tuple(visual.image_size)} px input, the student uses {model.img_size} px"
+        )
     visual.output_tokens = True
     return ClipTeacher(visual, visual.proj.shape[1], *_norm(input_norm, CLIP_MEAN, CLIP_STD))
 
@@ -135,7 +138,9 @@ def _timm(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teac
     net = timm.create_model(name, pretrained=False, num_classes=0, img_size=model.img_size)
     _load_state(net, _read_state(weights), f"timm:{name}", weights)
     cfg = net.pretrained_cfg
-    return TokenTeacher(net, net.num_features, *_norm(input_norm, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)))
+    return TokenTeacher(
+        net, net.num_features, *_norm(input_norm, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+    )
 
 
 def _checkpoint(path: str, model: ModelConfig) -> Teacher:
@@ -156,5 +161,7 @@ def _read_state(path: Path) -> dict:
 def _load_state(net: nn.Module, state: dict, name: str, path: Path) -> None:
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"weights {path} do not fit teacher {name}: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]} (of {len(missing)} / {len(unexpected)})")
+        raise ValueError(
+            f"weights {path} do not fit teacher {name}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]} (of {len(missing)} / {len(unexpected)})"
+        )

@@ -42,8 +42,10 @@ def engine_config(path: str, world: int, batch_size: int | None) -> dict:
     derived = micro * accum * world
     for name, value in (("train_batch_size in " + path, cfg.get("train_batch_size")), ("optim.batch_size", batch_size)):
         if value is not None and value != derived:
-            raise ValueError(f"{name} = {value} but micro batch {micro} x accumulation {accum} x world {world} = "
-                             f"{derived}; make them agree")
+            raise ValueError(
+                f"{name} = {value} but micro batch {micro} x accumulation {accum} x world {world} = "
+                f"{derived}; make them agree"
+            )
     return cfg | {"train_batch_size": derived}
 
 
@@ -87,8 +89,9 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, warmup, o.min_lr / peak)
         )
-        self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
         self.dtype = {True: torch.bfloat16}.get(ds_config.get("bf16", {}).get("enabled"), torch.float32)
         if ds_config.get("fp16", {}).get("enabled"):
             self.dtype = torch.float16
@@ -110,8 +113,15 @@ class Trainer:
         t1 = time.perf_counter()
         pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
         t2 = time.perf_counter()
-        levels = dtm_loss(pred, targets, self.schedule_for(micro).to(self.device), dtm.loss, dtm.beta,
-                          dtm.protect_first, per_level=True)
+        levels = dtm_loss(
+            pred,
+            targets,
+            self.schedule_for(micro).to(self.device),
+            dtm.loss,
+            dtm.beta,
+            dtm.protect_first,
+            per_level=True,
+        )
         loss = levels.mean()
         t3 = time.perf_counter()
         out = {"loss": loss.item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
@@ -167,8 +177,11 @@ class Trainer:
 
     def _after_step(self, log, out: dict, batch, max_steps: int) -> None:
         run, step = self.config.run, self.state["step"]
-        extra = {"lr": self.engine.get_lr()[0], "epoch": self.state["epoch"],
-                 "nonfinite_total": self.state["nonfinite_total"]}
+        extra = {
+            "lr": self.engine.get_lr()[0],
+            "epoch": self.state["epoch"],
+            "nonfinite_total": self.state["nonfinite_total"],
+        }
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             extra["grad_norm"] = float(norm)
@@ -195,8 +208,11 @@ class Trainer:
         _, client = self.engine.load_checkpoint(str(checkpoint.checkpoint_dir(self.config.run.output_dir)), tag)
         self.state = {k: client[k] for k in self.state}
         if self.rank == 0:
-            print(f"resumed from {tag}: step {self.state['step']}, epoch {self.state['epoch']} batch "
-                  f"{self.state['batch']}", flush=True)
+            print(
+                f"resumed from {tag}: step {self.state['step']}, epoch {self.state['epoch']} batch "
+                f"{self.state['batch']}",
+                flush=True,
+            )
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -205,15 +221,30 @@ class Trainer:
 def _loader_spec(config: Config, ds_config: dict, rank: int, world: int) -> LoaderSpec:
     d, m = config.data, config.model
     return LoaderSpec(
-        path=d.path, batch_size=ds_config["train_micro_batch_size_per_gpu"], image_size=m.img_size,
-        patch_size=m.patch_size, min_crop_scale=d.min_crop_scale, jitter=d.jitter, num_masked=d.num_masked,
-        min_mask_block=d.min_mask_block, seed=config.run.seed, rank=rank, world=world, workers=d.workers,
+        path=d.path,
+        batch_size=ds_config["train_micro_batch_size_per_gpu"],
+        image_size=m.img_size,
+        patch_size=m.patch_size,
+        min_crop_scale=d.min_crop_scale,
+        jitter=d.jitter,
+        num_masked=d.num_masked,
+        min_mask_block=d.min_mask_block,
+        seed=config.run.seed,
+        rank=rank,
+        world=world,
+        workers=d.workers,
         backend=d.backend,
     )
 
 
-def main(ds_config: str = "ds_configs/cpu.json", model: str = "vitb", output_dir: str | None = None,
-         max_steps: int | None = None, local_rank: int | None = None, **overrides) -> None:
+def main(
+    ds_config: str = "ds_configs/cpu.json",
+    model: str = "vitb",
+    output_dir: str | None = None,
+    max_steps: int | None = None,
+    local_rank: int | None = None,
+    **overrides,
+) -> None:
     """Pretrain preset ``model`` (tiny, vits, vitb, vitl, vith) with DeepSpeed config ``ds_config``."""
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
     if output_dir is not None:

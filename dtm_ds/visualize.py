@@ -1,6 +1,6 @@
 """Pictures of the morphed groups: every patch painted with the mean colour of its group.
 
-    python -m dtm_ds visualize RUN_DIR --out groups.png
+python -m dtm_ds visualize RUN_DIR --out groups.png
 """
 
 import torch
@@ -48,9 +48,18 @@ def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int 
 
     config = load_config(Path(run_dir) / "config.json")
     m, d = config.model, config.data
-    spec = LoaderSpec(path=d.path, batch_size=images, image_size=m.img_size, patch_size=m.patch_size,
-                      num_masked=d.num_masked, min_mask_block=d.min_mask_block, backend=d.backend, workers=0
-                      if d.backend == "torchvision" else 1, jitter=0.0, seed=seed)
+    spec = LoaderSpec(
+        path=d.path,
+        batch_size=images,
+        image_size=m.img_size,
+        patch_size=m.patch_size,
+        num_masked=d.num_masked,
+        min_mask_block=d.min_mask_block,
+        backend=d.backend,
+        workers=0 if d.backend == "torchvision" else 1,
+        jitter=0.0,
+        seed=seed,
+    )
     batch = next(iter(PretrainLoader(spec).epoch(0)))
     teacher = build_teacher(config.teacher, m, torch.device("cpu"))
     schedule = sample_schedule(config.dtm.n_max, config.dtm.k_max, torch.Generator().manual_seed(seed))

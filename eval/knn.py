@@ -62,9 +62,18 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     return correct / len(test_x)
 
 
-def main(encoder: str, train: str = "fashion_mnist", val: str = "fashion_mnist", k: int = 20,
-         temperature: float = 0.07, train_per_class: int | None = None, random_init: bool = False,
-         crop_ratio: float = 0.875, workers: int = 1, seed: int = 0) -> dict:
+def main(
+    encoder: str,
+    train: str = "fashion_mnist",
+    val: str = "fashion_mnist",
+    k: int = 20,
+    temperature: float = 0.07,
+    train_per_class: int | None = None,
+    random_init: bool = False,
+    crop_ratio: float = 0.875,
+    workers: int = 1,
+    seed: int = 0,
+) -> dict:
     """k-NN top-1 of ``encoder`` (a run directory or an exported state dict); ``random_init`` keeps its
     architecture but not its weights (the baseline)."""
     model = load_student(encoder).eval()
@@ -74,10 +83,17 @@ def main(encoder: str, train: str = "fashion_mnist", val: str = "fashion_mnist",
     size = model.patch_embed.img_size[0]
     train_set = select(detect(train, "train"), per_class=train_per_class)
     train_x, train_y = features(model, train_set, size, crop_ratio, workers=workers)
-    test_x, test_y = features(model, detect(val, "test" if val == "fashion_mnist" else "val"), size, crop_ratio,
-                              workers=workers)
-    result = {"encoder": encoder, "random_init": random_init, "k": k, "train": len(train_y), "val": len(test_y),
-              "top1": round(100 * knn_accuracy(train_x, train_y, test_x, test_y, k, temperature), 2)}
+    test_x, test_y = features(
+        model, detect(val, "test" if val == "fashion_mnist" else "val"), size, crop_ratio, workers=workers
+    )
+    result = {
+        "encoder": encoder,
+        "random_init": random_init,
+        "k": k,
+        "train": len(train_y),
+        "val": len(test_y),
+        "top1": round(100 * knn_accuracy(train_x, train_y, test_x, test_y, k, temperature), 2),
+    }
     print(json.dumps(result), flush=True)
     return result
 

@@ -41,8 +41,9 @@ def tiny_clip(tmp_path_factory):
 
 
 def test_student_gets_all_gradients_and_clip_teacher_none(tiny_clip):
-    config = build_config("tiny", {"teacher.name": "clip:dtm-test-clip", "teacher.weights": tiny_clip,
-                                   "model.drop_path": 0.1})
+    config = build_config(
+        "tiny", {"teacher.name": "clip:dtm-test-clip", "teacher.weights": tiny_clip, "model.drop_path": 0.1}
+    )
     teacher = build_teacher(config.teacher, config.model, torch.device("cpu"))
     student = DTMStudent(config.model, teacher.dim)
     images = torch.randn(2, 3, 32, 32)
@@ -78,8 +79,11 @@ def test_teacher_and_config_errors(tiny_clip, tmp_path):
     with pytest.raises(ValueError, match="dtm.n_max .* exceeds the 64 tokens"):
         build_config("tiny", {"dtm.n_max": [65, 65]})
     (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "train_batch_size": 32}))
-    with pytest.raises(ValueError, match=r"train_batch_size in .*ds.json = 32 but micro batch 8 x accumulation 1 x "
-                                         r"world 2 = 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"train_batch_size in .*ds.json = 32 but micro batch 8 x accumulation 1 x "
+        r"world 2 = 16",
+    ):
         engine_config(str(tmp_path / "ds.json"), 2, None)
     (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
     with pytest.raises(ValueError, match="optim.batch_size = 64 but micro batch 8"):
@@ -96,16 +100,40 @@ def test_no_weight_decay_groups():
 
 
 def _ds_json(path: Path, micro: int, stage: int = 0) -> str:
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": micro, "gradient_clipping": 3.0,
-                                "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-                                "steps_per_print": 10**9}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": micro,
+                "gradient_clipping": 3.0,
+                "zero_optimization": {"stage": stage},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            }
+        )
+    )
     return str(path)
 
 
 def _train_cmd(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "dtm_ds/train.py", "--ds_config", ds, "--model", "tiny", "--output_dir", str(out),
-            "--max_steps", str(steps), f"--data.path={data}", "--data.workers=0", "--run.log_every=1",
-            "--run.save_every=4", "--run.vis_every=0", "--optim.warmup_epochs=0.1", *extra]
+    return [
+        sys.executable,
+        "dtm_ds/train.py",
+        "--ds_config",
+        ds,
+        "--model",
+        "tiny",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        f"--data.path={data}",
+        "--data.workers=0",
+        "--run.log_every=1",
+        "--run.save_every=4",
+        "--run.vis_every=0",
+        "--optim.warmup_epochs=0.1",
+        *extra,
+    ]
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -159,10 +187,65 @@ def test_sigkill_then_resume_gives_the_same_losses(folder, tmp_path):
 
 def test_two_ranks_match_one_rank(folder, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_train_cmd(folder, one, _ds_json(tmp_path / "ds8.json", 8), 2), check=True, cwd=ROOT, env=_env(),
-                   capture_output=True)
+    subprocess.run(
+        _train_cmd(folder, one, _ds_json(tmp_path / "ds8.json", 8), 2),
+        check=True,
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613"]
     cmd = torchrun + _train_cmd(folder, two, _ds_json(tmp_path / "ds4.json", 4), 2)[1:]
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
     first_one, first_two = _losses(one)[1], _losses(two)[1]
     assert abs(first_one - first_two) < 1e-5 * abs(first_one), (first_one, first_two)
+
+
+def test_timm_teacher_from_local_weights(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "vit.pt")
+    cfg = TeacherConfig(name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "vit.pt"))
+    model = build_config(
+        "tiny", {"model.img_size": 64, "model.patch_size": 16, "dtm.n_max": [16, 16], "data.num_masked": 6}
+    ).model
+    teacher = build_teacher(cfg, model, torch.device("cpu"))
+    images = torch.randn(2, 3, 64, 64)
+    expected = net.eval().forward_features(teacher.scale * images + teacher.shift)[:, 1:]
+    torch.testing.assert_close(teacher(images), expected)  # (B, 16, 192): patch tokens, no CLS
+    with pytest.raises(ValueError, match="gives 4 tokens for 32 px input, the student has a 8x8 grid"):
+        build_teacher(cfg, build_config("tiny").model, torch.device("cpu"))
+
+
+def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
+    from timm.models.beit import Beit
+
+    from dtm_ds.checkpoint import export, load_student
+
+    out = tmp_path / "run"
+    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, 2), 2)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    path = export(str(out), str(tmp_path / "student.pth"))
+    m = build_config("tiny").model
+    beit = Beit(
+        img_size=32,
+        patch_size=4,
+        num_classes=0,
+        global_pool="token",
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        init_values=m.layer_scale,
+        use_abs_pos_emb=False,
+        use_shared_rel_pos_bias=True,
+    )
+    beit.load_state_dict(torch.load(path, weights_only=True))
+    student = load_student(out).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(beit.eval().forward_features(images), student.forward_features(images))
+    teacher = build_teacher(TeacherConfig(name=f"checkpoint:{out}"), m, torch.device("cpu"))
+    assert teacher(images).shape == (2, 64, m.embed_dim)
+    with pytest.raises(FileNotFoundError, match="not a dtm_ds run directory"):
+        load_student(tmp_path)
