@@ -123,6 +123,8 @@ class RunConfig:
     """Steps between TensorBoard images of the morphed groups (0: never)."""
     max_nonfinite: int = 5
     """Stop after this many non-finite losses in a row."""
+    fault_nan_steps: list[int] = field(default_factory=list)
+    """Fault injection for tests: micro-steps (0-based) whose loss is made NaN."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Run logs on rank 0: metrics.jsonl, TensorBoard scalars/images and a progress bar."""
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -29,8 +30,9 @@ class RunLog:
         now = time.perf_counter()
         values = dict(values)
         values["img_per_s"] = global_batch * (step - self.last_step) / max(now - self.last_time, 1e-9)
+        values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if torch.cuda.is_available():
-            values["memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            values["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_time, self.last_step = now, step
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
         self.metrics.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in values.items()}}) + "\n")

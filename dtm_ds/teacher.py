@@ -159,7 +159,10 @@ def _read_state(path: Path) -> dict:
 
 
 def _load_state(net: nn.Module, state: dict, name: str, path: Path) -> None:
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"weights {path} do not fit teacher {name}: {err}") from err
     if missing or unexpected:
         raise ValueError(
             f"weights {path} do not fit teacher {name}: missing {missing[:5]}, unexpected "

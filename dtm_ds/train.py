@@ -123,6 +123,8 @@ class Trainer:
             per_level=True,
         )
         loss = levels.mean()
+        if micro in self.config.run.fault_nan_steps:
+            loss = loss * float("nan")
         t3 = time.perf_counter()
         out = {"loss": loss.item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
         if distributed.any_true(not math.isfinite(out["loss"]), self.device):
@@ -132,6 +134,9 @@ class Trainer:
             return out | {"skipped": 1.0}
         self.nonfinite_run = 0
         self.engine.backward(loss)
+        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            out["grad_norm"] = float(torch.nn.utils.get_total_norm(grads))  # DeepSpeed reports none at stage 0
         self.engine.step()
         t4 = time.perf_counter()
         return out | {"time_teacher": t1 - t0, "time_student": t2 - t1 + t4 - t3, "time_dtm": t3 - t2}
@@ -142,12 +147,14 @@ class Trainer:
         log = RunLog(run.output_dir, self.rank == 0, self.total_steps, self.state["step"])
         max_steps = min(run.max_steps or self.total_steps, self.total_steps)
         last = {}
-        signal.signal(signal.SIGTERM, self._request_stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: save a checkpoint at the next step and exit
+            signal.signal(sig, self._request_stop)
         while self.state["step"] < max_steps and not self.stop_requested:
             epoch, start = self.state["epoch"], self.state["batch"]
             data_start = time.perf_counter()
             for batch in self.loader.epoch(epoch, start):
                 data_time = time.perf_counter() - data_start
+                before = self.state["step"]
                 last = self.train_step(batch) | {"time_data": data_time}
                 self._advance()
                 if self.nonfinite_run >= run.max_nonfinite:
@@ -155,7 +162,7 @@ class Trainer:
                         f"{self.nonfinite_run} non-finite losses in a row at step {self.state['step']}; the last "
                         f"good checkpoint in {checkpoint.checkpoint_dir(run.output_dir)} is intact"
                     )
-                if self._at_boundary():
+                if self.state["step"] > before:  # an optimizer step happened (not skipped, end of accumulation)
                     self._after_step(log, last, batch, max_steps)
                 if self.state["step"] >= max_steps or self.stop_requested:
                     break
@@ -163,9 +170,6 @@ class Trainer:
         self._save()
         log.close()
         return last
-
-    def _at_boundary(self) -> bool:
-        return self.state["micro"] % self.engine.gradient_accumulation_steps() == 0
 
     def _advance(self) -> None:
         s = self.state
@@ -183,8 +187,11 @@ class Trainer:
             "nonfinite_total": self.state["nonfinite_total"],
         }
         norm = self.engine.get_global_grad_norm()
-        if norm is not None:
+        if norm is not None and "grad_norm" not in out:
             extra["grad_norm"] = float(norm)
+        scale = getattr(self.engine.optimizer, "cur_scale", None)  # fp16 dynamic loss scaling
+        if scale is not None:
+            extra["loss_scale"] = float(scale)
         if step % run.log_every == 0 or step == max_steps:
             losses = {k: v for k, v in out.items() if k.startswith("loss")}
             log.step(step, out | distributed.mean(losses, self.device) | extra, self.engine.train_batch_size())

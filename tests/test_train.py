@@ -215,6 +215,10 @@ def test_timm_teacher_from_local_weights(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     expected = net.eval().forward_features(teacher.scale * images + teacher.shift)[:, 1:]
     torch.testing.assert_close(teacher(images), expected)  # (B, 16, 192): patch tokens, no CLS
+    with pytest.raises(ValueError, match="do not fit teacher timm:vit_tiny_patch16_224.*pos_embed"):
+        build_teacher(cfg, build_config("tiny").model, torch.device("cpu"))  # 64 px weights, 32 px student
+    torch.save(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0).state_dict(), tmp_path / "v.pt")
+    cfg = TeacherConfig(name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "v.pt"))
     with pytest.raises(ValueError, match="gives 4 tokens for 32 px input, the student has a 8x8 grid"):
         build_teacher(cfg, build_config("tiny").model, torch.device("cpu"))
 
@@ -249,3 +253,18 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
     assert teacher(images).shape == (2, 64, m.embed_dim)
     with pytest.raises(FileNotFoundError, match="not a dtm_ds run directory"):
         load_student(tmp_path)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(folder, tmp_path):
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    ok = tmp_path / "ok"
+    cmd = _train_cmd(folder, ok, ds, 6, "--run.fault_nan_steps=[2]")
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    rows = [json.loads(line) for line in (ok / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["nonfinite_total"] == 1
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN reached an optimizer step
+    bad = tmp_path / "bad"
+    cmd = _train_cmd(folder, bad, ds, 20, "--run.fault_nan_steps=[5,6,7]", "--run.max_nonfinite=3")
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert done.returncode != 0 and "3 non-finite losses in a row at step 5" in done.stderr
+    assert (bad / "checkpoints" / "latest").read_text().strip() == "step00000004"  # the last good one
