@@ -215,7 +215,7 @@ def test_timm_teacher_from_local_weights(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     expected = net.eval().forward_features(teacher.scale * images + teacher.shift)[:, 1:]
     torch.testing.assert_close(teacher(images), expected)  # (B, 16, 192): patch tokens, no CLS
-    with pytest.raises(ValueError, match="do not fit teacher timm:vit_tiny_patch16_224.*pos_embed"):
+    with pytest.raises(ValueError, match="(?s)do not fit teacher timm:vit_tiny_patch16_224.*pos_embed"):
         build_teacher(cfg, build_config("tiny").model, torch.device("cpu"))  # 64 px weights, 32 px student
     torch.save(timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0).state_dict(), tmp_path / "v.pt")
     cfg = TeacherConfig(name="timm:vit_tiny_patch16_224", weights=str(tmp_path / "v.pt"))
