@@ -123,6 +123,10 @@ class RunConfig:
     """Steps between TensorBoard images of the morphed groups (0: never)."""
     max_nonfinite: int = 5
     """Stop after this many non-finite losses in a row."""
+    cuda_graph: bool = True
+    """Capture the DTM step as a CUDA graph on GPU (replayed for every schedule)."""
+    compile: str | None = None
+    """torch.compile backend for the student and the DTM step (e.g. 'inductor'); None: eager."""
     fault_nan_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: micro-steps (0-based) whose loss is made NaN."""
 

@@ -42,19 +42,18 @@ def world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is True on any rank."""
-    if world() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+def any_nonfinite(value: torch.Tensor) -> bool:
+    """True on every rank when ``value`` is not finite on any rank (one scalar to the host)."""
+    flag = (~torch.isfinite(value.detach())).float().reshape(1)
+    if world() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
-def mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average of each value over the ranks (a collective: every rank calls it with the same keys)."""
-    if world() == 1 or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(values, (t / world()).tolist(), strict=True))
+def mean_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Average of a tensor over the ranks (a collective), on the host."""
+    value = value.detach().double().clone()
+    if world() > 1:
+        torch.distributed.all_reduce(value)
+        value /= world()
+    return value.cpu()

@@ -102,17 +102,35 @@ def dtm_loss(
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    target = target.detach()
-    levels, (b, n, d) = schedule.shape[0], target.shape
-    with torch.no_grad():
-        gram = _gram(target).repeat(levels, 1, 1)  # (L*B, N, N): one Gram shared by all levels
-        merges = schedule.to(target.device).repeat_interleave(b, dim=0)  # (L*B, K)
-        plan = _host_plan(merges, n, protect_first)
-        groups = _morph_gram(gram, merges, protect_first, plan).view(levels, b, n)
-    slots = [n] * levels if plan is None else plan[1].view(levels, b).amax(1).tolist()  # groups per sample
-    # Every token of a group carries the same morphed value, so the token mean is a count-weighted
-    # mean over groups, and (for the elementwise losses) mean(pred) - mean(target) = mean(pred - target).
-    pred, target = pred.reshape(b * n, d), target.reshape(b * n, d)
+    groups, slots = morph_levels(target, schedule, protect_first)
+    losses = morphed_loss(pred, target, groups, loss, beta, slots)
+    return losses if per_level else losses.mean()
+
+
+@torch.no_grad()
+def morph_levels(target: Tensor, schedule: Tensor, protect_first: bool = True) -> tuple[Tensor, list[int]]:
+    """Groups of every level: LongTensor [L, B, N] with ids in [0, slots[l]), and the per-level slot counts
+    (N on an accelerator or when traced; the number of groups when known on the host). All levels run in
+    one batch of L*B rows and share one Gram matrix; this is the part captured as a CUDA graph."""
+    levels, (b, n, _) = schedule.shape[0], target.shape
+    gram = _gram(target).repeat(levels, 1, 1)  # (L*B, N, N)
+    merges = schedule.to(target.device).repeat_interleave(b, dim=0)  # (L*B, K)
+    plan = _host_plan(merges, n, protect_first)
+    groups = _morph_gram(gram, merges, protect_first, plan).view(levels, b, n)
+    return groups, [n] * levels if plan is None else plan[1].view(levels, b).amax(1).tolist()
+
+
+def morphed_loss(
+    pred: Tensor, target: Tensor, groups: Tensor, loss: str = "smooth_l1", beta: float = 2.0, slots=None
+) -> Tensor:
+    """[L] losses between group means of ``pred`` and of ``target`` [B, N, D] for groups [L, B, N].
+
+    Every token of a group carries the same morphed value, so the token mean is a count-weighted mean
+    over groups, and (for the elementwise losses) mean(pred) - mean(target) = mean(pred - target).
+    """
+    levels, (b, n, d) = groups.shape[0], target.shape
+    slots = slots or [n] * levels
+    pred, target = pred.reshape(b * n, d), target.detach().reshape(b * n, d)
     diff = pred - target if loss != "negcosine" else None
     losses = []
     for level in range(levels):
@@ -124,8 +142,7 @@ def dtm_loss(
             d_sum, counts = _segment_sum(diff, flat, b * slots[level])
             per_group = _elementwise(d_sum / counts.clamp_min(1).unsqueeze(-1), loss, beta).mean(-1)
         losses.append((per_group * counts).sum() / (b * n))
-    losses = torch.stack(losses)
-    return losses if per_level else losses.mean()
+    return torch.stack(losses)
 
 
 def _elementwise(delta: Tensor, loss: str, beta: float) -> Tensor:

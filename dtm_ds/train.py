@@ -25,8 +25,9 @@ import torch
 from dtm_ds import checkpoint, distributed
 from dtm_ds.config import Config, build_config, save_config
 from dtm_ds.data import LoaderSpec, PretrainLoader
+from dtm_ds.dtm_step import DTMStep
 from dtm_ds.logs import RunLog
-from dtm_ds.morph import dtm_loss, sample_schedule
+from dtm_ds.morph import sample_schedule
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
 
@@ -98,55 +99,58 @@ class Trainer:
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nonfinite_total": 0}
         self.nonfinite_run = 0
         self.stop_requested = False
+        self.last_values: dict[str, float] = {}
+        backend = config.run.compile
+        self.dtm_step = DTMStep(config.dtm.protect_first, cuda_graph=config.run.cuda_graph, compile=backend)
+        if backend:
+            self.engine.compile(backend=backend)
 
     def schedule_for(self, micro: int) -> torch.Tensor:
-        """The DTM schedule of a micro-step: a pure function of (seed, micro-step), identical on all ranks."""
-        gen = torch.Generator().manual_seed(self.config.run.seed * 1_000_003 + micro)
+        """The DTM schedule of a micro-step: a pure function of (seed, micro-step), identical on all ranks,
+        sampled on the training device (no host round trip)."""
+        gen = torch.Generator(device=self.device).manual_seed(self.config.run.seed * 1_000_003 + micro)
         return sample_schedule(self.config.dtm.n_max, self.config.dtm.k_max, gen)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One micro-step: teacher targets, masked student forward, DTM loss, backward and engine step."""
+    def train_step(self, batch: dict[str, torch.Tensor], timed: bool = False) -> dict:
+        """One micro-step: teacher targets, masked student forward, DTM loss, backward and engine step.
+
+        The only host synchronisation is the finiteness flag of the loss (one scalar, all ranks agree);
+        ``timed`` adds synchronised timings of the phases (use it at logging steps only).
+        """
         dtm, micro = self.config.dtm, self.state["micro"]
         torch.manual_seed(int(np.random.default_rng([self.config.run.seed, micro, self.rank]).integers(2**62)))
-        t0 = time.perf_counter()
+        clock = Clock(self.device if timed else None)
         targets = self.teacher(batch["images"])  # (B, N, D)
-        t1 = time.perf_counter()
+        clock("time_teacher")
         pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
-        t2 = time.perf_counter()
-        levels = dtm_loss(
-            pred,
-            targets,
-            self.schedule_for(micro).to(self.device),
-            dtm.loss,
-            dtm.beta,
-            dtm.protect_first,
-            per_level=True,
-        )
+        clock("time_student")
+        groups, slots = self.dtm_step(targets, self.schedule_for(micro))  # (L, B, N)
+        levels = self.dtm_step.loss(pred, targets, groups, slots, dtm.loss, dtm.beta)  # (L,)
         loss = levels.mean()
         if micro in self.config.run.fault_nan_steps:
             loss = loss * float("nan")
-        t3 = time.perf_counter()
-        out = {"loss": loss.item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
-        if distributed.any_true(not math.isfinite(out["loss"]), self.device):
+        clock("time_dtm")
+        if distributed.any_nonfinite(loss):
             self.state["nonfinite_total"] += 1
             self.nonfinite_run += 1
             self.engine.zero_grad()
-            return out | {"skipped": 1.0}
+            return {"levels": levels.detach(), "skipped": 1.0}
         self.nonfinite_run = 0
         self.engine.backward(loss)
+        out = {"levels": levels.detach()}
         if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            out["grad_norm"] = float(torch.nn.utils.get_total_norm(grads))  # DeepSpeed reports none at stage 0
+            out["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # DeepSpeed reports none at stage 0
+        clock("time_student")
         self.engine.step()
-        t4 = time.perf_counter()
-        return out | {"time_teacher": t1 - t0, "time_student": t2 - t1 + t4 - t3, "time_dtm": t3 - t2}
+        clock("time_optimizer")
+        return out | clock.times
 
     def fit(self) -> dict[str, float]:
         run = self.config.run
         self._resume()
         log = RunLog(run.output_dir, self.rank == 0, self.total_steps, self.state["step"])
         max_steps = min(run.max_steps or self.total_steps, self.total_steps)
-        last = {}
         for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: save a checkpoint at the next step and exit
             signal.signal(sig, self._request_stop)
         while self.state["step"] < max_steps and not self.stop_requested:
@@ -155,7 +159,8 @@ class Trainer:
             for batch in self.loader.epoch(epoch, start):
                 data_time = time.perf_counter() - data_start
                 before = self.state["step"]
-                last = self.train_step(batch) | {"time_data": data_time}
+                timed = (self.state["step"] + 1) % run.log_every == 0
+                last = self.train_step(batch, timed) | {"time_data": data_time}
                 self._advance()
                 if self.nonfinite_run >= run.max_nonfinite:
                     raise FloatingPointError(
@@ -169,7 +174,7 @@ class Trainer:
                 data_start = time.perf_counter()
         self._save()
         log.close()
-        return last
+        return self.last_values
 
     def _advance(self) -> None:
         s = self.state
@@ -181,20 +186,23 @@ class Trainer:
 
     def _after_step(self, log, out: dict, batch, max_steps: int) -> None:
         run, step = self.config.run, self.state["step"]
-        extra = {
-            "lr": self.engine.get_lr()[0],
-            "epoch": self.state["epoch"],
-            "nonfinite_total": self.state["nonfinite_total"],
-        }
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None and "grad_norm" not in out:
-            extra["grad_norm"] = float(norm)
-        scale = getattr(self.engine.optimizer, "cur_scale", None)  # fp16 dynamic loss scaling
-        if scale is not None:
-            extra["loss_scale"] = float(scale)
         if step % run.log_every == 0 or step == max_steps:
-            losses = {k: v for k, v in out.items() if k.startswith("loss")}
-            log.step(step, out | distributed.mean(losses, self.device) | extra, self.engine.train_batch_size())
+            levels = distributed.mean_tensor(out.pop("levels"))  # (L,) averaged over ranks
+            values = {"loss": levels.mean().item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
+            values |= {k: float(v) for k, v in out.items()}
+            values |= {
+                "lr": self.engine.get_lr()[0],
+                "epoch": self.state["epoch"],
+                "nonfinite_total": self.state["nonfinite_total"],
+            }
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None and "grad_norm" not in values:
+                values["grad_norm"] = float(norm)
+            scale = getattr(self.engine.optimizer, "cur_scale", None)  # fp16 dynamic loss scaling
+            if scale is not None:
+                values["loss_scale"] = float(scale)
+            log.step(step, values, self.engine.train_batch_size())
+            self.last_values = values
         if run.vis_every and step % run.vis_every == 0 and self.rank == 0:
             from dtm_ds.visualize import morph_figure
 
@@ -223,6 +231,22 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
+
+
+class Clock:
+    """Accumulates wall time per phase; synchronises the device first when given one (else no-op)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device, self.times, self.last = device, {}, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.device is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[phase] = self.times.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _loader_spec(config: Config, ds_config: dict, rank: int, world: int) -> LoaderSpec:

@@ -1,0 +1,55 @@
+"""The DTM target step of a training step: groups of every level from the teacher's targets.
+
+On a GPU the step is captured once per input shape as a CUDA graph and replayed for every sampled
+schedule (the schedule is a static device tensor, so nothing in the graph depends on its values).
+On CPU, or with capture off, it runs eagerly; ``compile`` wraps it in ``torch.compile`` instead.
+"""
+
+import torch
+from torch import Tensor
+
+from dtm_ds.morph import morph_levels, morphed_loss
+
+
+class DTMStep:
+    """``groups, slots = step(targets [B, N, D], schedule [L, K])``; ``step.loss(pred, targets, ...)``."""
+
+    def __init__(self, protect_first: bool = True, cuda_graph: bool = True, compile: str | None = None):
+        self.protect_first, self.cuda_graph = protect_first, cuda_graph
+
+        def fn(target: Tensor, schedule: Tensor):
+            return morph_levels(target, schedule, protect_first)
+
+        self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compile) if compile else fn
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(self, targets: Tensor, schedule: Tensor) -> tuple[Tensor, list[int]]:
+        if not (self.cuda_graph and targets.is_cuda):
+            return self.fn(targets, schedule)
+        key = (tuple(targets.shape), targets.dtype, tuple(schedule.shape), targets.device)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(targets, schedule)
+        graph, static_targets, static_schedule, groups, slots = self.graphs[key]
+        static_targets.copy_(targets)
+        static_schedule.copy_(schedule, non_blocking=True)
+        graph.replay()
+        return groups, slots  # overwritten by the next replay: consume (backward) before the next step
+
+    def _capture(self, targets: Tensor, schedule: Tensor):
+        static_targets = targets.detach().clone()
+        static_schedule = schedule.to(targets.device).clone()
+        side = torch.cuda.Stream(targets.device)
+        side.wait_stream(torch.cuda.current_stream(targets.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy init)
+            for _ in range(2):
+                self.fn(static_targets, static_schedule)
+        torch.cuda.current_stream(targets.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            groups, slots = self.fn(static_targets, static_schedule)
+        return graph, static_targets, static_schedule, groups, slots
+
+    @staticmethod
+    def loss(pred: Tensor, targets: Tensor, groups: Tensor, slots: list[int], loss: str, beta: float) -> Tensor:
+        """[L] level losses (differentiable in ``pred``)."""
+        return morphed_loss(pred, targets, groups, loss, beta, slots)
