@@ -268,3 +268,11 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(folder, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode != 0 and "3 non-finite losses in a row at step 5" in done.stderr
     assert (bad / "checkpoints" / "latest").read_text().strip() == "step00000004"  # the last good one
+
+
+def test_compiled_student_and_dtm_step_match_eager(folder, tmp_path):
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    for name, extra in (("eager", ()), ("compiled", ("--run.compile=aot_eager",))):
+        cmd = _train_cmd(folder, tmp_path / name, ds, 3, *extra)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-5, atol=0)
