@@ -73,37 +73,37 @@ class Trainer:
     """Builds the student engine, teacher and loader; ``fit()`` trains, logs, checkpoints and resumes."""
 
     def __init__(self, config: Config, ds_config: dict, device: torch.device):
-        import deepspeed
-
         self.config, self.device = config, device
         self.rank, self.world = distributed.rank(), distributed.world()
         self.teacher = build_teacher(config.teacher, config.model, device)
         self.loader = PretrainLoader(_loader_spec(config, ds_config, self.rank, self.world), device)
-        torch.manual_seed(config.run.seed)  # the same initial student whatever the world size
-        student = DTMStudent(config.model, self.teacher.dim)
-        o, accum = config.optim, ds_config.get("gradient_accumulation_steps", 1)
-        self.steps_per_epoch = self.loader.batches_per_epoch // accum
-        self.total_steps = o.epochs * self.steps_per_epoch
+        self.steps_per_epoch = self.loader.batches_per_epoch // ds_config.get("gradient_accumulation_steps", 1)
+        self.total_steps = config.optim.epochs * self.steps_per_epoch
+        self.engine = self._engine(ds_config)
+        self.dtype = _engine_dtype(ds_config)
+        self.dtm_step = DTMStep(config.dtm.protect_first, cuda_graph=config.run.cuda_graph, compile=config.run.compile)
+        if config.run.compile:
+            self.engine.compile(backend=config.run.compile)
+        self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nonfinite_total": 0}
+        self.nonfinite_run = 0
+        self.stop_requested = False
+        self.last_values: dict[str, float] = {}
+
+    def _engine(self, ds_config: dict):
+        """DeepSpeed engine around the student with a client AdamW and a per-step warmup + cosine schedule."""
+        import deepspeed
+
+        o = self.config.optim
+        torch.manual_seed(self.config.run.seed)  # the same initial student whatever the world size
+        student = DTMStudent(self.config.model, self.teacher.dim)
         peak = o.lr * math.sqrt(ds_config["train_batch_size"] / 2048)
         optimizer = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=peak, betas=o.betas, eps=o.eps)
         warmup = round(o.warmup_epochs * self.steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, warmup, o.min_lr / peak)
         )
-        self.engine, *_ = deepspeed.initialize(
-            model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
-        )
-        self.dtype = {True: torch.bfloat16}.get(ds_config.get("bf16", {}).get("enabled"), torch.float32)
-        if ds_config.get("fp16", {}).get("enabled"):
-            self.dtype = torch.float16
-        self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nonfinite_total": 0}
-        self.nonfinite_run = 0
-        self.stop_requested = False
-        self.last_values: dict[str, float] = {}
-        backend = config.run.compile
-        self.dtm_step = DTMStep(config.dtm.protect_first, cuda_graph=config.run.cuda_graph, compile=backend)
-        if backend:
-            self.engine.compile(backend=backend)
+        engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        return engine
 
     def schedule_for(self, micro: int) -> torch.Tensor:
         """The DTM schedule of a micro-step: a pure function of (seed, micro-step), identical on all ranks,
@@ -231,6 +231,15 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
+
+
+def _engine_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed keeps the student in, for casting its inputs."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 class Clock:
