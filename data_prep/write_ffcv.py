@@ -3,7 +3,9 @@
     python -m data_prep.write_ffcv SOURCE --out train.beton [--split train] [--max_side 512] ...
 
 SOURCE is an ImageNet root (``train/<wnid>/``, ``val/``), any ImageFolder tree, a list file of
-``path label`` lines, or ``fashion_mnist`` (the Debian package's idx files). Unreadable images are
+``path label`` lines, ``fashion_mnist`` (the Debian package's idx files), or with ``--dataset`` the
+root of a downstream set (inat18, inat19, cub, cars, aircraft, flowers, pets; data_prep/datasets.py).
+Unreadable images are
 skipped and listed in ``<out>.bad.txt``; more than ``max_bad`` of them (a fraction) fails the
 conversion. The output is written under a temporary name and renamed at the end. The class names
 in label order go to ``<out>.classes.json``.
@@ -21,7 +23,8 @@ from ffcv.writer import DatasetWriter
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.sources import Listing, detect, select
+from data_prep.datasets import open_listing
+from data_prep.sources import Listing, select
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 
@@ -81,6 +84,7 @@ def convert(
     fraction: float | None = None,
     seed: int = 0,
     max_bad: float = 0.01,
+    dataset: str | None = None,
 ) -> dict:
     """Write ``out`` (.beton) from ``source``; returns the summary that is also printed."""
     if write_mode not in WRITE_MODES:
@@ -90,7 +94,7 @@ def convert(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    listing = select(detect(source, split), per_class, fraction, seed)
+    listing = select(open_listing(source, split, dataset), per_class, fraction, seed)
     listing, bad = drop_bad(listing, workers, Path(f"{out}.bad.txt"), max_bad)
     if len(listing) == 0:
         raise ValueError(f"nothing to write from {source} (split {split!r})")
