@@ -24,12 +24,12 @@ def latest_tag(output_dir: str | Path) -> str | None:
     return tag if (checkpoint_dir(output_dir) / tag).is_dir() else None
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int) -> None:
+def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int, prefix: str = "step") -> None:
     """Collective: every rank calls it. Rank 0 then removes all but the newest ``keep_last`` checkpoints."""
     folder = checkpoint_dir(output_dir)
-    engine.save_checkpoint(str(folder), tag=f"step{step:08d}", client_state=client_state)
+    engine.save_checkpoint(str(folder), tag=f"{prefix}{step:08d}", client_state=client_state)
     if engine.global_rank == 0:
-        tags = sorted(p for p in folder.glob("step*") if p.is_dir())
+        tags = sorted(p for p in folder.glob(f"{prefix}*") if p.is_dir())
         for old in tags[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -3,7 +3,8 @@
     python eval/knn.py --encoder RUN_DIR_OR_EXPORT --train fashion_mnist --val fashion_mnist [--random_init]
 
 Features are the mean of the encoder's final-norm patch tokens. Data: any data_prep source (image
-folder, ImageNet root, list file, ``fashion_mnist``), resized and centre-cropped to the encoder's size.
+folder, ImageNet root, list file, ``fashion_mnist``) or ``--dataset NAME`` with its root (same root for
+--train and --val; --eval_split picks val or test), resized and centre-cropped to the encoder's size.
 """
 
 import json
@@ -15,39 +16,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import fire
 import torch
-import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
+import torch.nn.functional as F
 
-from data_prep.sources import Listing, detect, select
+from data_prep.datasets import open_listing
+from data_prep.sources import select
 from dtm_ds.checkpoint import load_student
-from dtm_ds.data import normalize
-
-
-class EvalImages(Dataset):
-    """Resize (shorter side to size / crop_ratio, bicubic) + centre crop to ``size``; uint8 [3, S, S]."""
-
-    def __init__(self, listing: Listing, size: int, crop_ratio: float = 0.875):
-        self.listing, self.size, self.resize = listing, size, round(size / crop_ratio)
-
-    def __len__(self) -> int:
-        return len(self.listing)
-
-    def __getitem__(self, i: int):
-        image = torch.from_numpy(self.listing.image(i)).permute(2, 0, 1)
-        image = TF.resize(image, [self.resize], TF.InterpolationMode.BICUBIC, antialias=True)
-        return TF.center_crop(image, [self.size, self.size]), self.listing.labels[i]
-
-
-@torch.no_grad()
-def features(encoder, listing: Listing, size: int, crop_ratio: float, batch: int = 256, workers: int = 1):
-    """L2-normalised mean-pooled patch-token features [n, D] and labels [n]."""
-    loader = DataLoader(EvalImages(listing, size, crop_ratio), batch_size=batch, num_workers=workers)
-    feats, labels = [], []
-    for images, y in loader:
-        tokens = encoder.forward_features(normalize(images.float() / 255))[:, encoder.num_prefix_tokens :]
-        feats.append(torch.nn.functional.normalize(tokens.mean(1), dim=-1))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+from eval.classifier import encoder_config
+from eval.features import extract
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
@@ -66,6 +41,8 @@ def main(
     encoder: str,
     train: str = "fashion_mnist",
     val: str = "fashion_mnist",
+    dataset: str | None = None,
+    eval_split: str = "val",
     k: int = 20,
     temperature: float = 0.07,
     train_per_class: int | None = None,
@@ -76,16 +53,12 @@ def main(
 ) -> dict:
     """k-NN top-1 of ``encoder`` (a run directory or an exported state dict); ``random_init`` keeps its
     architecture but not its weights (the baseline)."""
-    model = load_student(encoder).eval()
-    if random_init:
-        torch.manual_seed(seed)
-        model = type(model)(model_config(encoder), model.lm_head.out_features).eval()
-    size = model.patch_embed.img_size[0]
-    train_set = select(detect(train, "train"), per_class=train_per_class)
-    train_x, train_y = features(model, train_set, size, crop_ratio, workers=workers)
-    test_x, test_y = features(
-        model, detect(val, "test" if val == "fashion_mnist" else "val"), size, crop_ratio, workers=workers
-    )
+    model = load_encoder(encoder, random_init, seed)
+    train_set = select(open_listing(train, "train", dataset), per_class=train_per_class)
+    train_x, train_y = extract(model, train_set, crop_ratio, workers=workers)
+    test_set = open_listing(val, "test" if val == "fashion_mnist" else eval_split, dataset)
+    test_x, test_y = extract(model, test_set, crop_ratio, workers=workers)
+    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
     result = {
         "encoder": encoder,
         "random_init": random_init,
@@ -98,13 +71,13 @@ def main(
     return result
 
 
-def model_config(encoder: str):
-    from dtm_ds.config import ModelConfig, load_config
-
-    path = Path(encoder)
-    if path.is_dir():
-        return load_config(path / "config.json").model
-    return ModelConfig(**json.loads(Path(f"{path}.json").read_text())["model"])
+def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
+    """The frozen student of a run directory or an export; at random init (same architecture) if asked."""
+    model = load_student(encoder)
+    if random_init:
+        torch.manual_seed(seed)
+        model = type(model)(encoder_config(encoder), model.lm_head.out_features)
+    return model.eval()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""A timm BEiT classifier (mean pooling) initialised from a dtm_ds student, and image datasets for it."""
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.models.beit import Beit, checkpoint_filter_fn
+from torch.utils.data import Dataset
+
+from data_prep.sources import Listing
+from dtm_ds.checkpoint import load_student
+from dtm_ds.config import ModelConfig, load_config
+
+
+def encoder_config(encoder: str) -> ModelConfig:
+    """The student architecture of a run directory or an exported state dict (``<file>.json``)."""
+    path = Path(encoder)
+    if path.is_dir():
+        return load_config(path / "config.json").model
+    sidecar = Path(f"{path}.json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{encoder}: expected a dtm_ds run directory or an export with {sidecar}")
+    return ModelConfig(**json.loads(sidecar.read_text())["model"])
+
+
+def build_classifier(model: ModelConfig, num_classes: int, drop_path: float, img_size: int) -> Beit:
+    """BEiT with one relative position table per block, no absolute positions, mean pooling + fc_norm."""
+    return Beit(
+        img_size=img_size,
+        patch_size=model.patch_size,
+        num_classes=num_classes,
+        global_pool="avg",
+        embed_dim=model.embed_dim,
+        depth=model.depth,
+        num_heads=model.num_heads,
+        mlp_ratio=model.mlp_ratio,
+        drop_path_rate=drop_path,
+        init_values=model.layer_scale,
+        use_abs_pos_emb=False,
+        use_rel_pos_bias=True,
+        use_shared_rel_pos_bias=False,
+    )
+
+
+def load_pretrained(classifier: Beit, encoder: str) -> dict[str, list[str]]:
+    """Copy a dtm_ds student into ``classifier``: the shared relative position table goes into every block
+    (timm's BEiT filter resizes tables and patch embeddings to the classifier's resolution); the
+    pre-pooling norm is dropped (mean pooling uses a fresh fc_norm). Returns missing/unexpected keys."""
+    state = load_student(encoder).encoder_state_dict()
+    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None:
+        for i in range(len(classifier.blocks)):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+    state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    missing, unexpected = classifier.load_state_dict(checkpoint_filter_fn(state, classifier), strict=False)
+    expected_new = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    report = {"missing": sorted(missing), "unexpected": sorted(unexpected)}
+    if unexpected or set(missing) - expected_new:
+        raise ValueError(f"{encoder} does not fit the classifier: {report}")
+    return report
+
+
+class ListingImages(Dataset):
+    """(transformed PIL image, label) from a data_prep listing."""
+
+    def __init__(self, listing: Listing, transform):
+        self.listing, self.transform = listing, transform
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.listing.image(i))), self.listing.labels[i]
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Correct counts at each k (k capped by the number of classes)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [int(hits[:, :k].any(1).sum()) for k in ks]

@@ -1,0 +1,62 @@
+"""Fine-tuning recipes per dataset (a preset each; any field overridable on the command line).
+
+Sources: ImageNet-1K is the BEiT v2 / DTM ViT-B recipe of shared/DESIGN.md §2 (batch 1024, lr 5e-4,
+layer decay 0.65, drop path 0.1, mixup 0.8, cutmix 1.0, smoothing 0.1, RandAugment m9, erasing 0.25,
+100 epochs). iNaturalist 2018/2019 follow the MAE transfer practice of reusing the ImageNet recipe
+(MAE, He et al. 2022, appendix A.3: 100 epochs, layer decay 0.75). The fine-grained sets follow the
+common MIM transfer practice for small sets (as in BEiT/iBOT transfer tables): smaller batch, lower lr,
+longer schedules. ``fmnist`` is this repository's CPU check on 32 px Fashion-MNIST (no RandAugment on
+grey images, no mixup on a few hundred steps).
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Recipe:
+    epochs: int = 100
+    batch_size: int = 1024
+    """Global batch; the DeepSpeed JSON's micro batch x accumulation x world must agree."""
+    lr: float = 5e-4
+    """Peak lr at batch 256, scaled linearly by batch / 256 (BEiT/MAE practice)."""
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    img_size: int = 224
+    crop_pct: float = 0.875
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range (timm's default)."""
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+
+
+RECIPES = {
+    "imagenet": Recipe(),
+    "inat18": Recipe(layer_decay=0.75),
+    "inat19": Recipe(layer_decay=0.75),
+    "cub": Recipe(epochs=100, batch_size=256, lr=1e-4, layer_decay=0.75, warmup_epochs=10),
+    "cars": Recipe(epochs=100, batch_size=256, lr=2e-4, layer_decay=0.75, warmup_epochs=10),
+    "aircraft": Recipe(epochs=100, batch_size=256, lr=2e-4, layer_decay=0.75, warmup_epochs=10),
+    "flowers": Recipe(epochs=200, batch_size=256, lr=1e-4, layer_decay=0.75, warmup_epochs=10),
+    "pets": Recipe(epochs=100, batch_size=256, lr=1e-4, layer_decay=0.75, warmup_epochs=10),
+    "fmnist": Recipe(
+        epochs=5,
+        batch_size=64,
+        lr=5e-3,
+        warmup_epochs=0.5,
+        layer_decay=0.75,
+        drop_path=0.0,
+        img_size=32,
+        crop_pct=1.0,
+        scale=(0.5, 1.0),
+        mixup=0.0,
+        cutmix=0.0,
+        auto_augment=None,
+        reprob=0.0,
+    ),
+}

@@ -1,0 +1,100 @@
+"""Downstream evaluation: weight transfer into timm's BEiT, fine-tuning through DeepSpeed, probes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dtm_ds.checkpoint import load_student
+from eval.classifier import build_classifier, encoder_config, load_pretrained
+from tests.test_train import ROOT, _ds_json, _env, _train_cmd
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A real dtm_ds run (tiny preset, 2 steps) to transfer from."""
+    from tests.conftest import write_class_folder
+
+    root = tmp_path_factory.mktemp("pre")
+    write_class_folder(root / "imgs", {"a": 8, "b": 8}, size=(40, 40))
+    cmd = _train_cmd(root / "imgs", root / "run", _ds_json(root / "ds.json", 8), 2)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    return root / "run"
+
+
+@pytest.mark.parametrize("img_size", [32, 48])
+def test_transfer_copies_shared_table_into_every_block(pretrained, img_size):
+    model = build_classifier(encoder_config(str(pretrained)), 10, 0.1, img_size)
+    report = load_pretrained(model, str(pretrained))
+    assert report == {"missing": ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"], "unexpected": []}
+    student = load_student(pretrained)
+    shared = student.rel_pos_bias.relative_position_bias_table
+    tables = [blk.attn.relative_position_bias_table for blk in model.blocks]
+    if img_size == 32:
+        assert all(torch.equal(t, shared) for t in tables)
+        torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, student.blocks[0].mlp.fc1.weight)
+    else:  # 12x12 window instead of 8x8: tables resized by timm's BEiT filter
+        assert tables[0].shape == ((2 * 12 - 1) ** 2 + 3, shared.shape[1]) and torch.equal(tables[0], tables[-1])
+    assert model(torch.randn(2, 3, img_size, img_size)).shape == (2, 10)
+
+
+def test_two_epoch_finetune_through_deepspeed_and_resume(pretrained, tmp_path):
+    out = tmp_path / "ft"
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    cmd = [
+        sys.executable,
+        "eval/finetune.py",
+        "--encoder",
+        str(pretrained),
+        "--dataset",
+        "fmnist",
+        "--data",
+        "fashion_mnist",
+        "--ds_config",
+        ds,
+        "--output_dir",
+        str(out),
+        "--train_per_class",
+        "2",
+        "--eval_per_class",
+        "5",
+        "--workers",
+        "0",
+        "--recipe.batch_size=8",
+        "--recipe.epochs=1",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "new (randomly initialised) keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in done.stdout
+    )
+    first = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert len(first) == 1 and 0 <= first[0]["top1"] <= first[0]["top5"] <= 100 and first[0]["step"] == 2
+    assert (out / "checkpoints" / "best").is_dir() and (out / "checkpoints" / "latest").read_text() == "epoch00000001"
+    cmd[-1] = "--recipe.epochs=2"  # a longer schedule resumes after epoch 1
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["step"] == 4
+
+
+def test_probes_run_on_frozen_features(pretrained):
+    from eval.knn import main as knn
+    from eval.linear import main as linear
+
+    common = {"encoder": str(pretrained), "train_per_class": 20, "crop_ratio": 1.0, "workers": 0}
+    result = linear(**common, epochs=5, blocks=2)
+    assert result["val"] == 10000 and 10 <= result["top1"] <= result["top5"] <= 100  # far above chance (10 %)
+    assert knn(**common)["top1"] > 10
+
+
+def test_finetune_errors(pretrained, tmp_path):
+    from eval.finetune import main
+
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        main(str(pretrained), "mnist", "x")
+    with pytest.raises(ValueError, match=r"unknown options \['recipe.lrr'\]"):
+        main(str(pretrained), "fmnist", "fashion_mnist", **{"recipe.lrr": 1.0})
+    with pytest.raises(FileNotFoundError, match="expected a dtm_ds run directory or an export"):
+        encoder_config(str(tmp_path / "nothing.pth"))
