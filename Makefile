@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup sysdeps test lint format bench clean demo pretrain data-imagenet
+.PHONY: setup sysdeps test lint format bench clean demo pretrain data-imagenet check-eval-args \
+	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn
 
 setup: $(STAMP)
 
@@ -65,6 +66,28 @@ data-imagenet: $(STAMP)
 	  --max_side 512 --write_mode proportion --compress_probability 0.5 --workers $$(nproc)
 	$(PY) -m data_prep.write_ffcv $(IMAGENET) --split val --out $(OUT_DATA)/imagenet_val.beton \
 	  --max_side 512 --write_mode jpg --workers $$(nproc)
+
+# Downstream: CKPT = a pretraining run directory or an export; DATA = the dataset root (README: layouts)
+EVAL_DS ?= ds_configs/zero2_bf16.json
+EVAL_OUT ?= outputs/eval
+FT = $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) eval/finetune.py \
+  --encoder $(CKPT) --data $(DATA) --ds_config $(EVAL_DS) $(ARGS)
+check-eval-args:
+	@test -n "$(CKPT)" -a -n "$(DATA)" || { echo "set CKPT=<run dir or export> DATA=<dataset root>"; exit 2; }
+eval-imagenet: $(STAMP) check-eval-args
+	$(FT) --dataset imagenet --output_dir $(EVAL_OUT)/imagenet
+eval-inat18: $(STAMP) check-eval-args
+	$(FT) --dataset inat18 --output_dir $(EVAL_OUT)/inat18
+eval-inat19: $(STAMP) check-eval-args
+	$(FT) --dataset inat19 --output_dir $(EVAL_OUT)/inat19
+eval-fgvc: $(STAMP) check-eval-args
+	@case "$(DATASET)" in cub|cars|aircraft|flowers|pets) ;; *) echo "DATASET=cub|cars|aircraft|flowers|pets"; exit 2;; esac
+	$(FT) --dataset $(DATASET) --output_dir $(EVAL_OUT)/$(DATASET)
+EVAL_SET ?= imagenet
+eval-linear: $(STAMP) check-eval-args
+	$(PY) eval/linear.py --encoder $(CKPT) --train $(DATA) --val $(DATA) --dataset $(EVAL_SET) $(ARGS)
+eval-knn: $(STAMP) check-eval-args
+	$(PY) eval/knn.py --encoder $(CKPT) --train $(DATA) --val $(DATA) --dataset $(EVAL_SET) $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m dtm_ds.demo --out outputs/demo
