@@ -44,42 +44,43 @@ SPLITS = {
 }
 
 
+@dataclasses.dataclass
+class Job:
+    """What to fine-tune on what, and where to write it."""
+
+    encoder: str
+    dataset: str
+    data: str
+    output_dir: str = "outputs/finetune"
+    random_init: bool = False
+    workers: int = 2
+    seed: int = 0
+    keep_last: int = 2
+    train_per_class: int | None = None
+    eval_per_class: int | None = None
+
+
 class FineTuner:
-    def __init__(
-        self,
-        encoder: str,
-        dataset: str,
-        data: str,
-        recipe: Recipe,
-        ds_config: dict,
-        output_dir: str,
-        device: torch.device,
-        random_init: bool,
-        workers: int,
-        seed: int,
-        keep_last: int,
-        train_per_class: int | None = None,
-        eval_per_class: int | None = None,
-    ):
-        self.recipe, self.device, self.output_dir, self.seed = recipe, device, output_dir, seed
-        self.workers, self.keep_last = workers, keep_last
-        train_split, eval_split = SPLITS.get(dataset, ("trainval", "test"))
-        reader = None if dataset == "fmnist" else dataset
-        self.train_set = select(open_listing(data, train_split, reader), per_class=train_per_class)
-        self.eval_set = select(open_listing(data, eval_split, reader), per_class=eval_per_class)
+    def __init__(self, job: Job, recipe: Recipe, ds_config: dict, device: torch.device):
+        self.job, self.recipe, self.device = job, recipe, device
+        self.output_dir, self.seed = job.output_dir, job.seed
+        train_split, eval_split = SPLITS.get(job.dataset, ("trainval", "test"))
+        reader = None if job.dataset == "fmnist" else job.dataset
+        self.train_set = select(open_listing(job.data, train_split, reader), per_class=job.train_per_class)
+        self.eval_set = select(open_listing(job.data, eval_split, reader), per_class=job.eval_per_class)
         self.classes = len(self.train_set.classes)
-        torch.manual_seed(seed)
-        model = build_classifier(encoder_config(encoder), self.classes, recipe.drop_path, recipe.img_size)
-        self.report = None if random_init else load_pretrained(model, encoder)
+        torch.manual_seed(job.seed)
+        model = build_classifier(encoder_config(job.encoder), self.classes, recipe.drop_path, recipe.img_size)
+        self.report = None if job.random_init else load_pretrained(model, job.encoder)
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
-        self.steps_per_epoch = (
-            len(self.train_set) // (self.micro * distributed.world()) // ds_config.get("gradient_accumulation_steps", 1)
-        )
+        accum = ds_config.get("gradient_accumulation_steps", 1)
+        self.steps_per_epoch = len(self.train_set) // (self.micro * distributed.world()) // accum
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"global batch {ds_config['train_batch_size']} exceeds the {len(self.train_set)} training images"
             )
         self.engine = self._engine(model, ds_config)
+        mixing = recipe.mixup > 0 or recipe.cutmix > 0
         self.mixup = (
             Mixup(
                 mixup_alpha=recipe.mixup,
@@ -87,10 +88,10 @@ class FineTuner:
                 label_smoothing=recipe.smoothing,
                 num_classes=self.classes,
             )
-            if recipe.mixup > 0 or recipe.cutmix > 0
+            if mixing
             else None
         )
-        self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(recipe.smoothing)
+        self.criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(recipe.smoothing)
         self.state = {"epoch": 0, "best_top1": 0.0}
 
     def _engine(self, model, ds_config: dict):
@@ -129,7 +130,7 @@ class FineTuner:
             dataset,
             batch_size=self.micro,
             sampler=sampler,
-            num_workers=self.workers,
+            num_workers=self.job.workers,
             drop_last=train,
             generator=gen,
             persistent_workers=False,
@@ -185,7 +186,9 @@ class FineTuner:
                     save_latest=False,
                 )
             self.state["epoch"] = epoch + 1
-            checkpoint.save(self.engine, self.output_dir, epoch + 1, dict(self.state), self.keep_last, prefix="epoch")
+            checkpoint.save(
+                self.engine, self.output_dir, epoch + 1, dict(self.state), self.job.keep_last, prefix="epoch"
+            )
             if distributed.rank() == 0:
                 with open(Path(self.output_dir) / "eval.jsonl", "a") as f:
                     f.write(json.dumps(result | {"best_top1": self.state["best_top1"]}) + "\n")
@@ -204,48 +207,34 @@ def main(
     dataset: str,
     data: str,
     ds_config: str = "ds_configs/cpu.json",
-    output_dir: str = "outputs/finetune",
-    random_init: bool = False,
-    workers: int = 2,
-    seed: int = 0,
-    keep_last: int = 2,
-    train_per_class: int | None = None,
-    eval_per_class: int | None = None,
     local_rank: int | None = None,
-    **overrides,
+    **options,
 ) -> dict:
-    """Fine-tune ``encoder`` on ``dataset`` (a key of eval/recipes.py) read from ``data``; ``random_init``
-    keeps the architecture but not the weights (the baseline); ``train_per_class`` subsamples training."""
+    """Fine-tune ``encoder`` on ``dataset`` (a key of eval/recipes.py) read from ``data``. Options: the
+    fields of :class:`Job` (``--random_init`` keeps the architecture but not the weights: the baseline;
+    ``--train_per_class`` / ``--eval_per_class`` subsample) and ``--recipe.<field>=value``."""
     if dataset not in RECIPES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RECIPES)}")
-    fields = {f.name for f in dataclasses.fields(Recipe)}
-    unknown = [k for k in overrides if k.removeprefix("recipe.") not in fields]
+    job_fields = {f.name for f in dataclasses.fields(Job)}
+    recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+    job = {k: v for k, v in options.items() if k in job_fields}
+    tweaks = {k.removeprefix("recipe."): v for k, v in options.items() if k not in job_fields}
+    unknown = sorted(set(tweaks) - recipe_fields)
     if unknown:
-        raise ValueError(f"unknown options {unknown}; recipe fields: {sorted(fields)}")
-    recipe = dataclasses.replace(RECIPES[dataset], **{k.removeprefix("recipe."): v for k, v in overrides.items()})
+        raise ValueError(
+            f"unknown options {unknown}; job fields: {sorted(job_fields)}; recipe fields: {sorted(recipe_fields)}"
+        )
+    job = Job(encoder, dataset, data, **job)
+    recipe = dataclasses.replace(RECIPES[dataset], **tweaks)
     device = distributed.init(local_rank)
     engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    tuner = FineTuner(
-        encoder,
-        dataset,
-        data,
-        recipe,
-        engine_cfg,
-        output_dir,
-        device,
-        random_init,
-        workers,
-        seed,
-        keep_last,
-        train_per_class,
-        eval_per_class,
-    )
+    Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+    tuner = FineTuner(job, recipe, engine_cfg, device)
     if distributed.rank() == 0 and tuner.report is not None:
         print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
     result = tuner.fit()
     if distributed.rank() == 0:
-        print(json.dumps({"encoder": encoder, "random_init": random_init, **result}), flush=True)
+        print(json.dumps({"encoder": encoder, "random_init": job.random_init, **result}), flush=True)
     return result
 
 

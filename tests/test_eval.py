@@ -94,7 +94,7 @@ def test_finetune_errors(pretrained, tmp_path):
 
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         main(str(pretrained), "mnist", "x")
-    with pytest.raises(ValueError, match=r"unknown options \['recipe.lrr'\]"):
+    with pytest.raises(ValueError, match=r"unknown options \['lrr'\]"):
         main(str(pretrained), "fmnist", "fashion_mnist", **{"recipe.lrr": 1.0})
     with pytest.raises(FileNotFoundError, match="expected a dtm_ds run directory or an export"):
         encoder_config(str(tmp_path / "nothing.pth"))
