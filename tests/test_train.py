@@ -276,3 +276,18 @@ def test_compiled_student_and_dtm_step_match_eager(folder, tmp_path):
         cmd = _train_cmd(folder, tmp_path / name, ds, 3, *extra)
         subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
     torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-5, atol=0)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(folder, tmp_path):
+    out = tmp_path / "run"
+    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8), 200, "--run.save_every=1000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(_losses(out)) >= 3):
+        time.sleep(0.2)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and time.time() - sent < 60
+    stopped = json.loads(stdout.strip().splitlines()[-1])["step"]
+    assert 3 <= stopped < 200 and (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
