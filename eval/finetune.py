@@ -117,6 +117,8 @@ class FineTuner:
             re_prob=r.reprob if train else 0.0,
             interpolation="bicubic",
             crop_pct=r.crop_pct,
+            scale=tuple(r.scale),
+            color_jitter=r.color_jitter,
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
         )

@@ -32,6 +32,8 @@ class Recipe:
     cutmix: float = 1.0
     smoothing: float = 0.1
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    """timm's colour jitter (used when auto_augment is None)."""
     reprob: float = 0.25
 
 
@@ -49,7 +51,7 @@ RECIPES = {
         batch_size=64,
         lr=5e-3,
         warmup_epochs=0.5,
-        layer_decay=0.75,
+        layer_decay=0.9,
         drop_path=0.0,
         img_size=32,
         crop_pct=1.0,
@@ -57,6 +59,7 @@ RECIPES = {
         mixup=0.0,
         cutmix=0.0,
         auto_augment=None,
+        color_jitter=0.0,
         reprob=0.0,
     ),
 }
