@@ -74,7 +74,7 @@ def augment_on_device(images: torch.Tensor, draws: torch.Tensor, jitter: float) 
 
     ``draws`` [B, 4] holds each sample's uniforms in [0, 1): flip, then the three jitter factors."""
     x = images.float().div_(255)
-    draws = draws.to(x.device, x.dtype, non_blocking=True)
+    draws = draws.to(x.dtype)
     x = torch.where((draws[:, 0] < 0.5)[:, None, None, None], x.flip(-1), x)
     if jitter > 0:
         factors = (1 + jitter * (2 * draws[:, 1:] - 1)).T[..., None, None, None]  # (3, B, 1, 1, 1)
@@ -121,8 +121,15 @@ class PretrainLoader:
             rngs = [np.random.default_rng([self.spec.seed, epoch, int(i)]) for i in order[k * bs : (k + 1) * bs]]
             draws = torch.from_numpy(np.stack([r.random(4) for r in rngs]))  # (B, 4) flip + jitter uniforms
             masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
-            x = normalize(augment_on_device(images.to(self.device, non_blocking=True), draws, self.spec.jitter))
-            yield {"images": x, "masks": masks.to(self.device), "labels": labels.to(self.device)}
+            x = normalize(augment_on_device(self._to_device(images), self._to_device(draws), self.spec.jitter))
+            yield {"images": x, "masks": self._to_device(masks), "labels": self._to_device(labels)}
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor to the training device; through pinned memory on GPU, so the copy does not wait
+        for the device (a copy from pageable memory synchronises the stream)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 def check_beton(path: str | Path) -> int:

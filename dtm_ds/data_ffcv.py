@@ -90,5 +90,5 @@ class FFCVSource:
     def batches(self, order: np.ndarray, epoch: int):
         self.order.order = order.astype(np.uint64)
         self.loader.next_epoch = epoch
-        for images, labels in self.loader:
-            yield images, labels.long()
+        for images, labels in self.loader:  # FFCV reuses its output buffers: labels are copied
+            yield images, labels.to(torch.long, copy=True)

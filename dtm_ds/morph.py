@@ -35,8 +35,9 @@ def sample_schedule(n_max: Sequence[int], k_max: Sequence[int], generator: torch
     if min(n_max) < 0 or min(k_max) < 1:
         raise ValueError(f"need n_max >= 0 and k_max >= 1 per level, got n_max={n_max} k_max={k_max}")
     device = generator.device if generator is not None else torch.device("cpu")
-    n_hi = torch.tensor(n_max, device=device)
-    k_hi = torch.tensor(k_max, device=device)
+    # torch.full launches fills: no host-to-device copy, which would wait for the device to drain
+    n_hi = torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in n_max])
+    k_hi = torch.stack([torch.full((), v, dtype=torch.long, device=device) for v in k_max])
     u = torch.rand(2, len(n_max), generator=generator, device=device, dtype=torch.float64)
     n = (u[0] * (n_hi + 1)).floor().long().clamp_max(n_hi)
     k = (u[1] * k_hi).floor().long().clamp_max(k_hi - 1) + 1

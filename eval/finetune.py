@@ -58,6 +58,8 @@ class Job:
     keep_last: int = 2
     train_per_class: int | None = None
     eval_per_class: int | None = None
+    max_epochs: int | None = None
+    """Stop after this many epochs (the schedule still spans recipe.epochs); a re-run continues."""
 
 
 class FineTuner:
@@ -138,10 +140,12 @@ class FineTuner:
             persistent_workers=False,
         )
 
-    def train_epoch(self, epoch: int, log: RunLog) -> None:
+    def train_epoch(self, epoch: int, log: RunLog) -> float:
+        """One epoch; returns its mean training loss (over ranks)."""
         for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path: per epoch
             seeder(self.seed * 1000 + epoch + distributed.rank())
         self.engine.train()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for images, labels in self.loader(True, epoch):
             images, labels = images.to(self.device), labels.to(self.device)
             if self.mixup:
@@ -149,10 +153,13 @@ class FineTuner:
             loss = self.criterion(self.engine(images.to(_dtype(self.engine))).float(), labels)
             self.engine.backward(loss)
             self.engine.step()
+            total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
             step = self.engine.global_steps
             if self.engine.is_gradient_accumulation_boundary() and step % 10 == 0:
                 values = {"loss": distributed.mean_tensor(loss).item(), "lr": self.engine.get_lr()[0], "epoch": epoch}
                 log.step(step, values, self.engine.train_batch_size())
+        total = distributed.mean_tensor(total)
+        return (total[0] / total[1]).item()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -176,9 +183,10 @@ class FineTuner:
             self.engine.global_steps,
         )
         result = {}
-        for epoch in range(self.state["epoch"], self.recipe.epochs):
-            self.train_epoch(epoch, log)
-            result = self.evaluate() | {"epoch": epoch, "step": self.engine.global_steps}
+        last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
+        for epoch in range(self.state["epoch"], last):
+            train_loss = self.train_epoch(epoch, log)
+            result = self.evaluate() | {"epoch": epoch, "step": self.engine.global_steps, "train_loss": train_loss}
             if result["top1"] > self.state["best_top1"]:
                 self.state["best_top1"] = result["top1"]
                 self.engine.save_checkpoint(

@@ -40,7 +40,7 @@ def test_transfer_copies_shared_table_into_every_block(pretrained, img_size):
     assert model(torch.randn(2, 3, img_size, img_size)).shape == (2, 10)
 
 
-def test_two_epoch_finetune_through_deepspeed_and_resume(pretrained, tmp_path):
+def test_finetune_through_deepspeed_resumes_exactly(pretrained, tmp_path):
     out = tmp_path / "ft"
     ds = _ds_json(tmp_path / "ds.json", 8)
     cmd = [
@@ -63,7 +63,8 @@ def test_two_epoch_finetune_through_deepspeed_and_resume(pretrained, tmp_path):
         "--workers",
         "0",
         "--recipe.batch_size=8",
-        "--recipe.epochs=1",
+        "--recipe.epochs=2",
+        "--max_epochs=1",
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -73,10 +74,14 @@ def test_two_epoch_finetune_through_deepspeed_and_resume(pretrained, tmp_path):
     first = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert len(first) == 1 and 0 <= first[0]["top1"] <= first[0]["top5"] <= 100 and first[0]["step"] == 2
     assert (out / "checkpoints" / "best").is_dir() and (out / "checkpoints" / "latest").read_text() == "epoch00000001"
-    cmd[-1] = "--recipe.epochs=2"  # a longer schedule resumes after epoch 1
+    cmd.pop()  # the 2-epoch run resumes after epoch 1 ...
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["step"] == 4
+    cmd[cmd.index(str(out))] = str(tmp_path / "straight")  # ... exactly as an uninterrupted 2-epoch run
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "eval.jsonl").read_text().splitlines()]
+    assert straight[1] == rows[1] and straight[0]["train_loss"] != straight[1]["train_loss"]
 
 
 def test_probes_run_on_frozen_features(pretrained):
