@@ -40,6 +40,7 @@ def odd_images(tmp_path):
     base = texture(30, 40, 1)
     Image.fromarray(base).save(good / "rgb.jpg", quality=95)
     Image.fromarray(base).convert("L").save(good / "grey.png")
+    Image.fromarray(base[..., 0].astype(np.uint16) * 257).save(good / "grey16.png")  # 16-bit greyscale
     Image.fromarray(base).convert("CMYK").save(good / "cmyk.jpg")
     Image.fromarray(base).convert("P").save(good / "palette.png", transparency=0)
     rgba = Image.fromarray(base).convert("RGBA")

@@ -21,11 +21,11 @@ def _read_raw(path):
 def test_odd_and_bad_images(odd_images, tmp_path):
     root, good, bad = odd_images
     out = tmp_path / "odd.beton"
-    with pytest.raises(RuntimeError, match=r"3 of 11 images are unreadable .*max_bad"):
+    with pytest.raises(RuntimeError, match=r"3 of 12 images are unreadable .*max_bad"):
         convert(str(root), str(out), workers=1)
     assert not out.exists() and not list(tmp_path.glob(".odd.beton.tmp*"))  # nothing half-written
     summary = convert(str(root), str(out), workers=1, max_bad=0.5, max_side=256)
-    assert summary["written"] == len(good) == 8 and summary["skipped_bad"] == 3
+    assert summary["written"] == len(good) == 9 and summary["skipped_bad"] == 3
     report = (tmp_path / "odd.beton.bad.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0] for line in report) == [str(p) for p in bad]
     assert json.loads((tmp_path / "odd.beton.classes.json").read_text())["classes"] == ["bad", "good"]
@@ -39,6 +39,7 @@ def test_odd_formats_decode_to_rgb(odd_images):
     assert images["rgb.jpg"].shape == (30, 40, 3) and images["tiny.png"].shape == (1, 1, 3)
     grey = images["grey.png"]
     assert np.array_equal(grey[..., 0], grey[..., 1])
+    assert np.array_equal(images["grey16.png"][..., 0], texture(30, 40, 1)[..., 0])  # top 8 of 16 bits
     for name in ("cmyk.jpg", "palette.png", "alpha.png"):  # colours survive (a wrong decode is off by ~100)
         assert np.abs(images[name].astype(int) - texture(30, 40, 1)).mean() < 20, name
 
