@@ -103,3 +103,13 @@ def test_finetune_errors(pretrained, tmp_path):
         main(str(pretrained), "fmnist", "fashion_mnist", **{"recipe.lrr": 1.0})
     with pytest.raises(FileNotFoundError, match="expected a dtm_ds run directory or an export"):
         encoder_config(str(tmp_path / "nothing.pth"))
+
+
+def test_visualize_writes_the_groups_png(pretrained, tmp_path):
+    from PIL import Image
+
+    from dtm_ds.visualize import visualize
+
+    out = visualize(str(pretrained), str(tmp_path / "groups.png"), images=2)
+    width, height = Image.open(out).size
+    assert (width, height) == (3 * 32 * 8, 2 * 32 * 8)  # input + 2 levels, 2 rows, scaled x8 from 32 px
