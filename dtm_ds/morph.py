@@ -5,11 +5,14 @@ implementation is static-shape so one step can be captured as a CUDA graph:
 
 * the current sequence is a fixed ``[B, N]`` buffer of group ids plus a per-row length ``t``;
 * cosine scores come from a Gram matrix of group *sums* that is built once per call and updated by
-  row/column scatter-adds when groups merge (a group's feature is the mean of the teacher tokens it
+  row and column additions when groups merge (a group's feature is the mean of the teacher tokens it
   holds, and the cosine of two means equals the cosine of their sums), so an iteration costs
   O(B·N²) instead of O(B·N²·C);
 * the merges per iteration are a tensor; zero merges (or merges clamped to zero) leave the state
-  untouched through ``torch.where``, never through Python branches on tensor values.
+  untouched through ``torch.where``, never through Python branches on tensor values;
+* only the eager CPU path reads the schedule on the host (``_host_plan``) to skip iterations, rows
+  and sequence positions that cannot merge; traced or on an accelerator everything is full width;
+* group means and the loss use index_add / index_select over the flattened batch (O(B·N·D)).
 
 Only torch is imported here.
 """
