@@ -1,46 +1,77 @@
 """Frozen-encoder features for k-NN and linear probing: mean-pooled patch tokens of the last block(s)."""
 
+from dataclasses import dataclass
+
 import torch
-import torchvision.transforms.v2.functional as TF
-from torch.utils.data import DataLoader, Dataset
+from timm.data import create_transform
+from torch.utils.data import DataLoader
 
-from data_prep.sources import Listing
-from dtm_ds.data import normalize
+from data_prep.datasets import open_listing
+from data_prep.sources import Listing, select
+from dtm_ds.checkpoint import load_student
+from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+from eval.classifier import ListingImages, encoder_config
 
 
-class EvalImages(Dataset):
-    """Resize (shorter side to size / crop_ratio, bicubic) + centre crop to ``size``; uint8 [3, S, S]."""
+@dataclass
+class Probe:
+    """Where the frozen features come from (shared by eval/knn.py and eval/linear.py)."""
 
-    def __init__(self, listing: Listing, size: int, crop_ratio: float = 0.875):
-        self.listing, self.size, self.resize = listing, size, round(size / crop_ratio)
+    encoder: str
+    train: str = "fashion_mnist"
+    val: str = "fashion_mnist"
+    dataset: str | None = None
+    """A reader of data_prep/datasets.py for ``train``/``val`` roots; None: detect the layout."""
+    eval_split: str = "val"
+    train_per_class: int | None = None
+    random_init: bool = False
+    """Same architecture, untrained weights (the baseline)."""
+    crop_ratio: float = 0.875
+    blocks: int = 1
+    workers: int = 1
+    seed: int = 0
 
-    def __len__(self) -> int:
-        return len(self.listing)
 
-    def __getitem__(self, i: int):
-        image = torch.from_numpy(self.listing.image(i)).permute(2, 0, 1)
-        image = TF.resize(image, [self.resize], TF.InterpolationMode.BICUBIC, antialias=True)
-        return TF.center_crop(image, [self.size, self.size]), self.listing.labels[i]
+def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
+    """The frozen student of a run directory or an export; at random init (same architecture) if asked."""
+    model = load_student(encoder)
+    if random_init:
+        torch.manual_seed(seed)
+        model = type(model)(encoder_config(encoder), model.lm_head.out_features)
+    return model.eval()
+
+
+def frozen_features(probe: Probe):
+    """(train_x, train_y, test_x, test_y, number of classes) for ``probe``."""
+    model = load_encoder(probe.encoder, probe.random_init, probe.seed)
+    train_set = select(open_listing(probe.train, "train", probe.dataset), per_class=probe.train_per_class)
+    split = "test" if probe.val == "fashion_mnist" else probe.eval_split
+    test_set = open_listing(probe.val, split, probe.dataset)
+    train_x, train_y = extract(model, train_set, probe.crop_ratio, probe.blocks, workers=probe.workers)
+    test_x, test_y = extract(model, test_set, probe.crop_ratio, probe.blocks, workers=probe.workers)
+    return train_x, train_y, test_x, test_y, len(train_set.classes)
 
 
 @torch.no_grad()
 def extract(encoder, listing: Listing, crop_ratio: float = 0.875, blocks: int = 1, batch: int = 256, workers: int = 1):
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
-    applied) and labels [n] of a frozen dtm_ds student or timm Beit."""
+    applied) and labels [n], on timm's evaluation transform (bicubic resize + centre crop)."""
     encoder.eval()
     size = encoder.patch_embed.img_size[0]
-    loader = DataLoader(EvalImages(listing, size, crop_ratio), batch_size=batch, num_workers=workers)
+    transform = create_transform(
+        size, is_training=False, interpolation="bicubic", crop_pct=crop_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    )
+    loader = DataLoader(ListingImages(listing, transform), batch_size=batch, num_workers=workers)
     depth = len(encoder.blocks)
     feats, labels = [], []
-    for images, y in loader:
-        x = normalize(images.float() / 255)
+    for x, y in loader:
         if blocks == 1:
             tokens = [encoder.forward_features(x)[:, encoder.num_prefix_tokens :]]
         else:
             maps = encoder.forward_intermediates(
                 x, indices=list(range(depth - blocks, depth)), norm=True, output_fmt="NLC", intermediates_only=True
             )
-            tokens = [m[:, encoder.num_prefix_tokens :] if m.dim() == 3 else m.flatten(2).transpose(1, 2) for m in maps]
+            tokens = [m[:, encoder.num_prefix_tokens :] for m in maps]
         feats.append(torch.cat([t.mean(1) for t in tokens], dim=1))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

@@ -18,11 +18,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from data_prep.datasets import open_listing
-from data_prep.sources import select
-from dtm_ds.checkpoint import load_student
-from eval.classifier import encoder_config
-from eval.features import extract
+from eval.features import Probe, frozen_features
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
@@ -37,31 +33,15 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     return correct / len(test_x)
 
 
-def main(
-    encoder: str,
-    train: str = "fashion_mnist",
-    val: str = "fashion_mnist",
-    dataset: str | None = None,
-    eval_split: str = "val",
-    k: int = 20,
-    temperature: float = 0.07,
-    train_per_class: int | None = None,
-    random_init: bool = False,
-    crop_ratio: float = 0.875,
-    workers: int = 1,
-    seed: int = 0,
-) -> dict:
-    """k-NN top-1 of ``encoder`` (a run directory or an exported state dict); ``random_init`` keeps its
-    architecture but not its weights (the baseline)."""
-    model = load_encoder(encoder, random_init, seed)
-    train_set = select(open_listing(train, "train", dataset), per_class=train_per_class)
-    train_x, train_y = extract(model, train_set, crop_ratio, workers=workers)
-    test_set = open_listing(val, "test" if val == "fashion_mnist" else eval_split, dataset)
-    test_x, test_y = extract(model, test_set, crop_ratio, workers=workers)
+def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dict:
+    """k-NN top-1 of ``encoder`` (a run directory or an exported state dict). Options: the fields of
+    :class:`eval.features.Probe` (train, val, dataset, eval_split, train_per_class, random_init, ...)."""
+    probe = Probe(encoder, **options)
+    train_x, train_y, test_x, test_y, _ = frozen_features(probe)
     train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
     result = {
         "encoder": encoder,
-        "random_init": random_init,
+        "random_init": probe.random_init,
         "k": k,
         "train": len(train_y),
         "val": len(test_y),
@@ -69,15 +49,6 @@ def main(
     }
     print(json.dumps(result), flush=True)
     return result
-
-
-def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
-    """The frozen student of a run directory or an export; at random init (same architecture) if asked."""
-    model = load_student(encoder)
-    if random_init:
-        torch.manual_seed(seed)
-        model = type(model)(encoder_config(encoder), model.lm_head.out_features)
-    return model.eval()
 
 
 if __name__ == "__main__":

@@ -17,11 +17,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 from torch import nn
 
-from data_prep.datasets import open_listing
-from data_prep.sources import select
 from eval.classifier import accuracy
-from eval.features import extract
-from eval.knn import load_encoder
+from eval.features import Probe, frozen_features
 
 
 def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1e-3, batch: int = 256, seed: int = 0):
@@ -41,34 +38,18 @@ def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1
     return probe.eval()
 
 
-def main(
-    encoder: str,
-    train: str = "fashion_mnist",
-    val: str = "fashion_mnist",
-    dataset: str | None = None,
-    eval_split: str = "val",
-    blocks: int = 1,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    train_per_class: int | None = None,
-    random_init: bool = False,
-    crop_ratio: float = 0.875,
-    workers: int = 1,
-    seed: int = 0,
-) -> dict:
-    """Linear-probe top-1/top-5 of ``encoder``; ``random_init`` is the same architecture untrained."""
-    model = load_encoder(encoder, random_init, seed)
-    train_set = select(open_listing(train, "train", dataset), per_class=train_per_class)
-    test_set = open_listing(val, "test" if val == "fashion_mnist" else eval_split, dataset)
-    train_x, train_y = extract(model, train_set, crop_ratio, blocks, workers=workers)
-    test_x, test_y = extract(model, test_set, crop_ratio, blocks, workers=workers)
-    probe = train_probe(train_x, train_y, len(train_set.classes), epochs, lr, seed=seed)
+def main(encoder: str, epochs: int = 100, lr: float = 1e-3, **options) -> dict:
+    """Linear-probe top-1/top-5 of ``encoder``. Options: the fields of :class:`eval.features.Probe`
+    (train, val, dataset, eval_split, blocks, train_per_class, random_init, ...)."""
+    probe = Probe(encoder, **options)
+    train_x, train_y, test_x, test_y, classes = frozen_features(probe)
+    linear = train_probe(train_x, train_y, classes, epochs, lr, seed=probe.seed)
     with torch.no_grad():
-        top1, top5 = accuracy(probe(test_x), test_y)
+        top1, top5 = accuracy(linear(test_x), test_y)
     result = {
         "encoder": encoder,
-        "random_init": random_init,
-        "blocks": blocks,
+        "random_init": probe.random_init,
+        "blocks": probe.blocks,
         "train": len(train_y),
         "val": len(test_y),
         "top1": round(100 * top1 / len(test_y), 2),
