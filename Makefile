@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup sysdeps test lint format bench clean demo pretrain data-imagenet check-eval-args \
-	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn
+	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn eval-ade20k
 
 setup: $(STAMP)
 
@@ -88,6 +88,11 @@ eval-linear: $(STAMP) check-eval-args
 	$(PY) eval/linear.py --encoder $(CKPT) --train $(DATA) --val $(DATA) --dataset $(EVAL_SET) $(ARGS)
 eval-knn: $(STAMP) check-eval-args
 	$(PY) eval/knn.py --encoder $(CKPT) --train $(DATA) --val $(DATA) --dataset $(EVAL_SET) $(ARGS)
+
+# ADE20K: make eval-ade20k CKPT=outputs/pretrain_vitb DATA=/data/ADEChallengeData2016 NGPUS=8 [ARGS=--amp=bf16]
+SEG = eval/seg/train.py --encoder $(CKPT) --data $(DATA) --output_dir $(EVAL_OUT)/ade20k $(ARGS)
+eval-ade20k: $(STAMP) check-eval-args
+	$(if $(filter 1,$(NGPUS)),$(PY) $(SEG),$(VENV)/bin/torchrun --nproc_per_node $(NGPUS) $(SEG) --launcher pytorch)
 
 demo: $(STAMP)
 	$(PY) -m dtm_ds.demo --out outputs/demo

@@ -56,3 +56,44 @@ def odd_images(tmp_path):
     (bad / "not_an_image.jpg").write_text("hello")
     (bad / "empty.png").write_bytes(b"")
     return root, sorted(good.iterdir()), sorted(bad.iterdir())
+
+
+ADE_COLOURS = {1: (200, 60, 40), 2: (40, 160, 60), 3: (50, 70, 210), 4: (220, 210, 60)}
+
+
+def write_ade20k(root, n_train: int = 6, n_val: int = 3, size=(48, 64), seed=0):
+    """A tiny ADEChallengeData2016 folder: textured images whose rectangles of classes 1..4 each have
+    their own colour, annotations uint8 with 0 (unlabelled) on a one-pixel border."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for split, count in (("training", n_train), ("validation", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            label = np.ones((h, w), np.uint8)
+            for c in (2, 3, 4):
+                y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+                label[y : y + rng.integers(h // 4, h // 2), x : x + rng.integers(w // 4, w // 2)] = c
+            img = np.zeros((h, w, 3), np.float32)
+            for c, colour in ADE_COLOURS.items():
+                img[label == c] = colour
+            img = (0.3 * img + 0.7 * texture(h, w, seed + i)).clip(0, 255).astype(np.uint8)
+            label[0, :] = label[-1, :] = label[:, 0] = label[:, -1] = 0
+            name = f"ADE_{split[:5]}_{i:08d}"
+            Image.fromarray(img).save(root / "images" / split / f"{name}.jpg", quality=95)
+            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A real dtm_ds run directory (tiny preset, 2 steps) for the downstream tests to transfer from."""
+    import subprocess
+
+    from tests.test_train import ROOT, _ds_json, _env, _train_cmd
+
+    root = tmp_path_factory.mktemp("pre")
+    write_class_folder(root / "imgs", {"a": 8, "b": 8}, size=(40, 40))
+    cmd = _train_cmd(root / "imgs", root / "run", _ds_json(root / "ds.json", 8), 2)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    return root / "run"

@@ -9,19 +9,7 @@ import torch
 
 from dtm_ds.checkpoint import load_student
 from eval.classifier import build_classifier, encoder_config, load_pretrained
-from tests.test_train import ROOT, _ds_json, _env, _train_cmd
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A real dtm_ds run (tiny preset, 2 steps) to transfer from."""
-    from tests.conftest import write_class_folder
-
-    root = tmp_path_factory.mktemp("pre")
-    write_class_folder(root / "imgs", {"a": 8, "b": 8}, size=(40, 40))
-    cmd = _train_cmd(root / "imgs", root / "run", _ds_json(root / "ds.json", 8), 2)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    return root / "run"
+from tests.test_train import ROOT, _ds_json, _env
 
 
 @pytest.mark.parametrize("img_size", [32, 48])

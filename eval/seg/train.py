@@ -1,0 +1,173 @@
+"""ADE20K semantic segmentation: UperNet over a dtm_ds encoder, trained and evaluated with mmseg.
+
+    python eval/seg/train.py --encoder outputs/pretrain_vitb --data data/ADEChallengeData2016
+    torchrun --nproc_per_node 8 eval/seg/train.py --launcher pytorch --encoder ... --data ...
+    python eval/seg/train.py --test_only --checkpoint outputs/eval/ade20k/iter_160000.pth --encoder ... \
+        --data ... [--multi_scale]
+
+The config is eval/seg/configs/upernet_dtm_ade20k.py; the flags below scale it (crop, iterations,
+total batch split over the GPUs, lr, layer decay). A run resumes from the last checkpoint in
+--output_dir. Validation mIoU is logged to the text log, TensorBoard (<output_dir>/<time>/vis_data)
+and <output_dir>/eval.jsonl.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+import eval.seg  # noqa: E402,F401  (mmcv-lite shim before any mmseg import)
+from dtm_ds.config import build_config  # noqa: E402
+from eval.classifier import encoder_config  # noqa: E402
+from eval.seg.data import check_ade20k  # noqa: E402
+
+CONFIG = Path(__file__).parent / "configs" / "upernet_dtm_ade20k.py"
+
+
+def trust_checkpoints(*places: str | Path) -> None:
+    """mmengine checkpoints pickle its message hub (HistoryBuffer with bound methods), which torch's
+    ``weights_only=True`` default refuses and which only a full unpickle can read. Load in full only
+    files this run wrote (under ``output_dir``) or the user named (``--checkpoint``); anything else
+    keeps ``weights_only=True``."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    trusted = [Path(p).resolve() for p in places if p]
+
+    def load_local(filename, map_location):
+        path = Path(filename).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {filename} does not exist")
+        full = any(path == t or t in path.parents for t in trusted)
+        return torch.load(path, map_location=map_location, weights_only=not full)
+
+    CheckpointLoader.register_scheme(prefixes="", loader=load_local, force=True)
+
+
+def build_cfg(
+    data: str,
+    output_dir: str,
+    encoder: str | None = None,
+    arch: str | None = None,
+    crop: int = 512,
+    max_iters: int = 160_000,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.65,
+    warmup_iters: int = 1500,
+    val_interval: int = 16_000,
+    checkpoint_interval: int = 16_000,
+    drop_path: float = 0.1,
+    workers: int = 4,
+    log_interval: int = 50,
+    amp: str | None = None,
+    launcher: str = "none",
+    seed: int = 0,
+    config: str | Path = CONFIG,
+):
+    """The mmengine Config for one run; every number the command line sets is written here."""
+    from mmengine.config import Config
+
+    model = encoder_config(encoder) if encoder else build_config(arch or "").model
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} (total) must be a multiple of the {world} processes")
+    if crop % model.patch_size:
+        raise ValueError(f"crop {crop} must be a multiple of the patch size {model.patch_size}")
+    if warmup_iters >= max_iters:
+        raise ValueError(f"warmup_iters {warmup_iters} must be below max_iters {max_iters}")
+    cfg = Config.fromfile(str(config))
+    size = (crop, crop)
+    cfg.work_dir = str(output_dir)
+    cfg.launcher = launcher
+    cfg.randomness = dict(seed=seed)
+
+    m = cfg.model
+    m.data_preprocessor.size = size
+    m.backbone.update(encoder=encoder, arch=None if encoder else arch, img_size=crop, drop_path_rate=drop_path)
+    m.neck.embed_dim = model.embed_dim
+    m.decode_head.in_channels = [model.embed_dim] * 4
+    m.decode_head.channels = model.embed_dim
+    m.auxiliary_head.in_channels = model.embed_dim
+    m.test_cfg = dict(mode="slide", crop_size=size, stride=(crop * 2 // 3, crop * 2 // 3))
+
+    loaders = (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader)
+    for pipeline in [loader.dataset.pipeline for loader in loaders]:
+        for step in pipeline:
+            if step["type"] in ("RandomResize", "Resize"):
+                step["scale"] = (4 * crop, crop)
+            if step["type"] == "RandomCrop":
+                step["crop_size"] = size
+    for loader in loaders:
+        loader.dataset.data_root = str(data)
+        loader.num_workers = workers
+        loader.persistent_workers = workers > 0
+    cfg.train_dataloader.batch_size = batch_size // world
+
+    cfg.optim_wrapper.optimizer.update(lr=lr, weight_decay=weight_decay)
+    cfg.optim_wrapper.paramwise_cfg = dict(num_layers=model.depth, decay_rate=layer_decay, decay_type="layer_wise_vit")
+    if amp:
+        if amp not in ("bf16", "fp16"):
+            raise ValueError(f"amp must be bf16, fp16 or unset; got {amp!r}")
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.dtype = {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    cfg.param_scheduler = [
+        dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters),
+        dict(type="PolyLR", eta_min=0.0, power=1.0, by_epoch=False, begin=warmup_iters, end=max_iters),
+    ]
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=val_interval)
+    cfg.default_hooks.checkpoint.interval = checkpoint_interval
+    cfg.default_hooks.logger.interval = log_interval
+    if not torch.cuda.is_available():
+        cfg.env_cfg.dist_cfg = dict(backend="gloo")
+        cfg.env_cfg.cudnn_benchmark = False
+        if launcher != "none":  # DDP on CPU takes no device ids (mmengine's default passes LOCAL_RANK)
+            cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+    elif launcher != "none":
+        cfg.sync_bn = "torch"  # BN in the neck and heads becomes SyncBN across GPUs
+    return cfg
+
+
+def main(
+    data: str,
+    output_dir: str = "outputs/eval/ade20k",
+    test_only: bool = False,
+    checkpoint: str | None = None,
+    multi_scale: bool = False,
+    scan_labels: bool = True,
+    **kwargs,
+):
+    """Train (resuming from ``output_dir``) then evaluate; with ``test_only`` evaluate ``checkpoint``.
+    Other flags: see ``build_cfg``."""
+    from mmengine.runner import Runner
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    counts = check_ade20k(data, splits=("val",) if test_only else ("train", "val"), scan_labels=scan_labels and rank0)
+    print(f"ADE20K at {data}: {counts}", flush=True)
+    cfg = build_cfg(data, output_dir, **kwargs)
+    trust_checkpoints(output_dir, checkpoint)
+    if cfg.launcher != "none" and not torch.cuda.is_available():
+        torch.distributed.init_process_group("gloo")  # mmengine's own launcher assumes CUDA devices
+    if test_only:
+        if not checkpoint or not Path(checkpoint).is_file():
+            raise FileNotFoundError(
+                f"--test_only needs --checkpoint=<an iter_*.pth or best_*.pth file>; got {checkpoint}"
+            )
+        cfg.load_from, cfg.resume = checkpoint, False
+        if multi_scale:
+            cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+            cfg.tta_model.module = cfg.model
+            cfg.model = cfg.tta_model
+        return Runner.from_cfg(cfg).test()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
