@@ -1,7 +1,9 @@
 """Checkpoints: DeepSpeed engine states plus our client state, rotation, export and loading the student."""
 
 import json
+import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,23 +17,105 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
 
 
-def latest_tag(output_dir: str | Path) -> str | None:
-    """Tag named by DeepSpeed's ``latest`` file (written only after a checkpoint is complete)."""
-    latest = checkpoint_dir(output_dir) / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
-    return tag if (checkpoint_dir(output_dir) / tag).is_dir() else None
+COMPLETE = "complete.json"
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, keep_last: int, prefix: str = "step") -> None:
-    """Collective: every rank calls it. Rank 0 then removes all but the newest ``keep_last`` checkpoints."""
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sizes(tag_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+
+
+def is_complete(tag_dir: Path) -> bool:
+    """True when ``tag_dir`` has its completion record and every file it lists has the recorded size."""
+    try:
+        record = json.loads((tag_dir / COMPLETE).read_text())
+        return all((tag_dir / name).stat().st_size == size for name, size in record["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(output_dir: str | Path, prefix: str = "") -> str | None:
+    """The newest complete checkpoint (``<prefix>*``, by name). Newer folders that a kill or a full disk
+    cut off mid-write are passed over with a warning; they are never resumed from."""
     folder = checkpoint_dir(output_dir)
-    engine.save_checkpoint(str(folder), tag=f"{prefix}{step:08d}", client_state=client_state)
-    if engine.global_rank == 0:
-        tags = sorted(p for p in folder.glob(f"{prefix}*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    tags = sorted((p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name != "best"), reverse=True)
+    skipped = []
+    for tag_dir in tags:
+        if is_complete(tag_dir):
+            if skipped:
+                warnings.warn(
+                    f"checkpoint(s) {skipped} in {folder} are incomplete (cut off mid-write); "
+                    f"falling back to {tag_dir.name}",
+                    stacklevel=2,
+                )
+            return tag_dir.name
+        skipped.append(tag_dir.name)
+    if skipped:
+        warnings.warn(f"no complete checkpoint in {folder}; incomplete: {skipped}; starting from scratch", stacklevel=2)
+    return None
+
+
+def save(
+    engine,
+    output_dir: str | Path,
+    step: int,
+    client_state: dict,
+    keep_last: int,
+    prefix: str = "step",
+    tag: str | None = None,
+) -> str:
+    """Collective: every rank calls it. Files are written, then (after a barrier) rank 0 writes the
+    completion record and ``latest`` atomically, then removes all but the newest ``keep_last`` complete
+    checkpoints and any older incomplete ones. A failed write (full disk) removes the partial folder and
+    raises ``CheckpointError``; earlier checkpoints are untouched. ``tag`` fixes the name (``best``)."""
+    import torch.distributed as dist
+
+    folder = checkpoint_dir(output_dir)
+    tag = tag or f"{prefix}{step:08d}"
+    tag_dir = folder / tag
+    rank0 = engine.global_rank == 0
+    if rank0:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        (tag_dir / COMPLETE).unlink(missing_ok=True)  # rewriting a tag: it is incomplete until the end
+    if dist.is_initialized():
+        dist.barrier()
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as e:
+        if rank0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        previous = latest_tag(output_dir, prefix)
+        raise CheckpointError(
+            f"writing checkpoint {tag_dir} failed ({e}); the partial folder was removed and the last complete "
+            f"checkpoint, {previous or 'none'}, is intact. Free space in {folder} and re-run to resume."
+        ) from e
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        for p in tag_dir.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "files": _sizes(tag_dir)}))
+        if tag != "best":
+            _write_atomic(folder / "latest", tag)  # DeepSpeed's pointer, for its own tools (zero_to_fp32)
+            tags = sorted(p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name <= tag)
+            complete = [p for p in tags if is_complete(p)]
+            for old in [p for p in tags if p not in complete] + complete[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    return tag
 
 
 def student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:

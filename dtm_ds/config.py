@@ -129,6 +129,9 @@ class RunConfig:
     """torch.compile backend for the student and the DTM step (e.g. 'inductor'); None: eager."""
     fault_nan_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: micro-steps (0-based) whose loss is made NaN."""
+    fault_kill_in_save: int = 0
+    """Fault injection for tests: SIGKILL this process halfway through writing the first file of the
+    checkpoint at this step (0: never)."""
 
 
 @dataclass

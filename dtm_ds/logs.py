@@ -1,6 +1,7 @@
 """Run logs on rank 0: metrics.jsonl, TensorBoard scalars/images and a progress bar."""
 
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ class RunLog:
         values = dict(values)
         values["img_per_s"] = global_batch * (step - self.last_step) / max(now - self.last_time, 1e-9)
         values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        values |= process_usage()
         if torch.cuda.is_available():
             values["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_time, self.last_step = now, step
@@ -49,3 +51,13 @@ class RunLog:
             self.bar.close()
             self.metrics.close()
             self.writer.close()
+
+
+def process_usage() -> dict[str, float]:
+    """Current resident memory (GiB) and open file descriptors of this process (Linux /proc; else empty)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        rss_kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        return {"rss_gib": rss_kib / 2**20, "open_fds": float(len(os.listdir("/proc/self/fd")))}
+    except (OSError, StopIteration):
+        return {}

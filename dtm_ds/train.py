@@ -8,8 +8,10 @@ Any config field is overridable as ``--<section>.<field>=value``; the resolved c
 ``<output_dir>/config.json``. A run resumes from the latest complete checkpoint in its output_dir.
 """
 
+import io
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -214,10 +216,12 @@ class Trainer:
         if self.state["step"] == 0:
             return
         state = self.state | {"config": self.config.to_dict()}
+        if self.config.run.fault_kill_in_save == self.state["step"]:
+            _cut_next_write(self.engine)
         checkpoint.save(self.engine, self.config.run.output_dir, self.state["step"], state, self.config.run.keep_last)
 
     def _resume(self) -> None:
-        tag = checkpoint.latest_tag(self.config.run.output_dir)
+        tag = checkpoint.latest_tag(self.config.run.output_dir, prefix="step")
         if tag is None:
             return
         _, client = self.engine.load_checkpoint(str(checkpoint.checkpoint_dir(self.config.run.output_dir)), tag)
@@ -231,6 +235,21 @@ class Trainer:
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
+
+
+def _cut_next_write(engine) -> None:
+    """Fault injection: the engine's next checkpoint file gets half its bytes, then the process is killed."""
+
+    def write_half_and_die(state_dict, path: str) -> None:
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue()[: buffer.tell() // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.checkpoint_engine.save = write_half_and_die
 
 
 def _engine_dtype(ds_config: dict) -> torch.dtype:

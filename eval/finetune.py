@@ -14,6 +14,7 @@ epoch end (the last ``keep_last``) plus ``best``; a re-run resumes exactly from 
 import dataclasses
 import json
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Job:
     eval_per_class: int | None = None
     max_epochs: int | None = None
     """Stop after this many epochs (the schedule still spans recipe.epochs); a re-run continues."""
+    log_every: int = 10
 
 
 class FineTuner:
@@ -95,6 +97,7 @@ class FineTuner:
         )
         self.criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(recipe.smoothing)
         self.state = {"epoch": 0, "best_top1": 0.0}
+        self.stop_requested = False
 
     def _engine(self, model, ds_config: dict):
         import deepspeed
@@ -155,9 +158,11 @@ class FineTuner:
             self.engine.step()
             total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
             step = self.engine.global_steps
-            if self.engine.is_gradient_accumulation_boundary() and step % 10 == 0:
+            if self.engine.is_gradient_accumulation_boundary() and step % self.job.log_every == 0:
                 values = {"loss": distributed.mean_tensor(loss).item(), "lr": self.engine.get_lr()[0], "epoch": epoch}
                 log.step(step, values, self.engine.train_batch_size())
+            if self.stop_requested:
+                break
         total = distributed.mean_tensor(total)
         return (total[0] / total[1]).item()
 
@@ -172,7 +177,7 @@ class FineTuner:
         return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
     def fit(self) -> dict[str, float]:
-        tag = checkpoint.latest_tag(self.output_dir)
+        tag = checkpoint.latest_tag(self.output_dir, prefix="epoch")
         if tag is not None:
             _, client = self.engine.load_checkpoint(str(checkpoint.checkpoint_dir(self.output_dir)), tag)
             self.state = {k: client[k] for k in self.state}
@@ -184,26 +189,28 @@ class FineTuner:
         )
         result = {}
         last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
+        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: stop after the current step
+            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
         for epoch in range(self.state["epoch"], last):
             train_loss = self.train_epoch(epoch, log)
+            if self.stop_requested:  # checkpoints are per epoch: a re-run repeats this one exactly
+                if distributed.rank() == 0:
+                    print(f"stopped by a signal in epoch {epoch}; a re-run resumes from epoch {epoch}", flush=True)
+                break
             result = self.evaluate() | {"epoch": epoch, "step": self.engine.global_steps, "train_loss": train_loss}
-            if result["top1"] > self.state["best_top1"]:
-                self.state["best_top1"] = result["top1"]
-                self.engine.save_checkpoint(
-                    str(checkpoint.checkpoint_dir(self.output_dir)),
-                    tag="best",
-                    client_state=self.state | {"epoch": epoch + 1},
-                    save_latest=False,
-                )
-            self.state["epoch"] = epoch + 1
-            checkpoint.save(
-                self.engine, self.output_dir, epoch + 1, dict(self.state), self.job.keep_last, prefix="epoch"
-            )
-            if distributed.rank() == 0:
+            best = result["top1"] > self.state["best_top1"]
+            self.state["best_top1"] = max(result["top1"], self.state["best_top1"])
+            if distributed.rank() == 0:  # before the checkpoint: a kill in between repeats this row, never loses it
                 with open(Path(self.output_dir) / "eval.jsonl", "a") as f:
                     f.write(json.dumps(result | {"best_top1": self.state["best_top1"]}) + "\n")
                 for key in ("top1", "top5"):
                     log.writer.add_scalar(f"eval/{key}", result[key], epoch)
+            self.state["epoch"] = epoch + 1
+            if best:
+                checkpoint.save(self.engine, self.output_dir, epoch + 1, dict(self.state), 1, tag="best")
+            checkpoint.save(
+                self.engine, self.output_dir, epoch + 1, dict(self.state), self.job.keep_last, prefix="epoch"
+            )
         log.close()
         return result | {"best_top1": self.state["best_top1"]}
 
