@@ -127,6 +127,8 @@ class RunConfig:
     """Capture the DTM step as a CUDA graph on GPU (replayed for every schedule)."""
     compile: str | None = None
     """torch.compile backend for the student and the DTM step (e.g. 'inductor'); None: eager."""
+    dist_timeout_s: float = 600
+    """Seconds a collective waits for a hung rank before the run fails (a dead rank fails it at once)."""
     fault_nan_steps: list[int] = field(default_factory=list)
     """Fault injection for tests: micro-steps (0-based) whose loss is made NaN."""
     fault_kill_in_save: int = 0

@@ -1,5 +1,6 @@
 """Distributed set-up in one place: environment defaults for plain runs, DeepSpeed init, rank getters."""
 
+import datetime
 import os
 import socket
 
@@ -12,10 +13,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(local_rank: int | None = None) -> torch.device:
+def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) and return this rank's device.
 
     A plain ``python dtm_ds/train.py`` run has no launcher environment: it becomes rank 0 of 1.
+    A collective that waits ``timeout_s`` for a rank that hangs raises instead of blocking forever (a rank
+    that dies is noticed at once: its connections close).
     """
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -27,7 +30,9 @@ def init(local_rank: int | None = None) -> torch.device:
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -82,7 +82,7 @@ class Trainer:
         self.steps_per_epoch = self.loader.batches_per_epoch // ds_config.get("gradient_accumulation_steps", 1)
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         self.engine = self._engine(ds_config)
-        self.dtype = _engine_dtype(ds_config)
+        self.dtype = engine_dtype(ds_config)
         self.dtm_step = DTMStep(config.dtm.protect_first, cuda_graph=config.run.cuda_graph, compile=config.run.compile)
         if config.run.compile:
             self.engine.compile(backend=config.run.compile)
@@ -104,6 +104,7 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, warmup, o.min_lr / peak)
         )
+        cast_float_buffers(student, engine_dtype(ds_config))
         engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         return engine
 
@@ -237,6 +238,16 @@ class Trainer:
         self.stop_requested = True
 
 
+def _lost_peer(config: Config, error: Exception) -> None:
+    tag = checkpoint.latest_tag(config.run.output_dir, prefix="step")
+    first_line = str(error).strip().splitlines()[0][:300]
+    sys.exit(
+        f"rank {distributed.rank()}: lost contact with another rank ({type(error).__name__}: {first_line}). "
+        f"The launcher's report names the rank that failed first. The last complete checkpoint is "
+        f"{tag or 'none'} in {checkpoint.checkpoint_dir(config.run.output_dir)}; re-run the same command to resume."
+    )
+
+
 def _cut_next_write(engine) -> None:
     """Fault injection: the engine's next checkpoint file gets half its bytes, then the process is killed."""
 
@@ -252,7 +263,15 @@ def _cut_next_write(engine) -> None:
     engine.checkpoint_engine.save = write_half_and_die
 
 
-def _engine_dtype(ds_config: dict) -> torch.dtype:
+def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 modes cast parameters only; float buffers (timm BEiT's zero ``k_bias``) must
+    follow, or attention mixes dtypes."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+
+
+def engine_dtype(ds_config: dict) -> torch.dtype:
     """The dtype DeepSpeed keeps the student in, for casting its inputs."""
     if ds_config.get("bf16", {}).get("enabled"):
         return torch.bfloat16
@@ -311,13 +330,20 @@ def main(
     if max_steps is not None:
         overrides["run.max_steps"] = max_steps
     config = build_config(model, overrides)
-    device = distributed.init(local_rank)
+    device = distributed.init(local_rank, config.run.dist_timeout_s)
     engine_cfg = engine_config(ds_config, distributed.world(), config.optim.batch_size)
     Path(config.run.output_dir).mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:
         save_config(config, Path(config.run.output_dir) / "config.json")
     trainer = Trainer(config, engine_cfg, device)
-    last = trainer.fit()
+    try:
+        last = trainer.fit()
+    except torch.distributed.DistError as e:  # a peer died or hung (RuntimeError on some backends)
+        _lost_peer(config, e)
+    except RuntimeError as e:
+        if distributed.world() == 1 or not any(s in str(e) for s in ("gloo", "NCCL", "Connection", "timed out")):
+            raise
+        _lost_peer(config, e)
     if distributed.rank() == 0:
         print(json.dumps({"done": True, "step": trainer.state["step"], "loss": last.get("loss")}), flush=True)
 

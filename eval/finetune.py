@@ -33,7 +33,7 @@ from data_prep.sources import select
 from dtm_ds import checkpoint, distributed
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.logs import RunLog
-from dtm_ds.train import engine_config, lr_factor
+from dtm_ds.train import cast_float_buffers, engine_config, engine_dtype, lr_factor
 from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
 from eval.recipes import RECIPES, Recipe
 
@@ -110,6 +110,7 @@ class FineTuner:
         optimizer = torch.optim.AdamW(groups, lr=peak)
         total, warmup = r.epochs * self.steps_per_epoch, round(r.warmup_epochs * self.steps_per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, r.min_lr / peak))
+        cast_float_buffers(model, engine_dtype(ds_config))
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
         return engine
 
