@@ -93,13 +93,15 @@ def save(
         dist.barrier()
     try:
         engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         if rank0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         previous = latest_tag(output_dir, prefix)
+        free = shutil.disk_usage(folder).free / 2**20
         raise CheckpointError(
-            f"writing checkpoint {tag_dir} failed ({e}); the partial folder was removed and the last complete "
-            f"checkpoint, {previous or 'none'}, is intact. Free space in {folder} and re-run to resume."
+            f"writing checkpoint {tag_dir} failed ({type(e).__name__}: {str(e).strip()[:200]}); "
+            f"{free:.1f} MiB are free on its disk after removing the partial folder. The last complete "
+            f"checkpoint, {previous or 'none'}, is intact: free space and re-run the same command to resume."
         ) from e
     if dist.is_initialized():
         dist.barrier()
