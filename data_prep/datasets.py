@@ -26,7 +26,10 @@ def _checked(root: Path, rel_paths: list[str], labels: list[int], classes: list[
         raise FileNotFoundError(f"{what}: {len(missing)} listed images are absent, e.g. {missing[0]}")
     bad = [y for y in labels if not 0 <= y < len(classes)]
     if bad:
-        raise ValueError(f"{what}: label {bad[0]} out of range [0, {len(classes)})")
+        raise ValueError(
+            f"{what}: {len(bad)} labels outside the {len(classes)} classes, e.g. class index {bad[0]} "
+            f"(0-based; valid 0..{len(classes) - 1}) for {paths[labels.index(bad[0])]}"
+        )
     if not paths:
         raise ValueError(f"{what}: no images in this split")
     return Listing(labels=labels, classes=classes, paths=paths)
@@ -153,6 +156,8 @@ def load(name: str, root: str | Path, split: str) -> Listing:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(READERS)}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{name} root {root} does not exist (README: Downstream evaluation, layouts)")
     return READERS[name](root, split)
 
 

@@ -143,7 +143,11 @@ def list_file(path: str | Path, root: str | Path | None = None) -> Listing:
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     paths, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a text list file of '<path> <label>' lines ({err})") from err
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         name, _, label = line.strip().rpartition(" ")
@@ -180,6 +184,13 @@ def detect(source: str | Path, split: str) -> Listing:
     source = Path(source)
     if str(source) == "fashion_mnist" or (source.is_dir() and any(source.glob("*-idx3-ubyte.gz"))):
         return fashion_mnist(split, FASHION_MNIST_DIR if str(source) == "fashion_mnist" else source)
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist (expected an image folder <class>/<image>, ImageNet train/ + val/, "
+            "a list file or fashion_mnist)"
+        )
+    if source.suffix == ".beton":
+        raise ValueError(f"{source} is an FFCV .beton: read it with the ffcv backend (--data.backend=ffcv)")
     if source.is_file():
         return list_file(source)
     if (source / "train").is_dir():

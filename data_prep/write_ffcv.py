@@ -66,7 +66,8 @@ def drop_bad(listing: Listing, workers: int, report: Path, max_bad: float) -> tu
     if len(bad) > max_bad * len(listing):
         raise RuntimeError(
             f"{len(bad)} of {len(listing)} images are unreadable ({len(bad) / len(listing):.1%} > max_bad="
-            f"{max_bad:.1%}); see {report}. Fix the files or raise --max_bad."
+            f"{max_bad:.1%}), e.g. {[f'{p}: {r}' for p, r in bad[:2]]}; all in {report}. "
+            "Fix the files or raise --max_bad."
         )
     return listing.subset([i for i, r in enumerate(reasons) if r is None]), len(bad)
 

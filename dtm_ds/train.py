@@ -34,16 +34,19 @@ from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
 
 
-def engine_config(path: str, world: int, batch_size: int | None) -> dict:
+def engine_config(path: str, world: int, batch_size: int | None, batch_name: str = "optim.batch_size") -> dict:
     """The DeepSpeed JSON with ``train_batch_size`` checked against micro batch x accumulation x world."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
-    cfg = json.loads(Path(path).read_text())
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err})") from err
     micro, accum = cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1)
     if not isinstance(micro, int) or micro < 1:
         raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")
     derived = micro * accum * world
-    for name, value in (("train_batch_size in " + path, cfg.get("train_batch_size")), ("optim.batch_size", batch_size)):
+    for name, value in (("train_batch_size in " + path, cfg.get("train_batch_size")), (batch_name, batch_size)):
         if value is not None and value != derived:
             raise ValueError(
                 f"{name} = {value} but micro batch {micro} x accumulation {accum} x world {world} = "

@@ -44,6 +44,8 @@ def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
 def frozen_features(probe: Probe):
     """(train_x, train_y, test_x, test_y, number of classes) for ``probe``."""
     model = load_encoder(probe.encoder, probe.random_init, probe.seed)
+    if not 1 <= probe.blocks <= len(model.blocks):
+        raise ValueError(f"blocks = {probe.blocks}, but {probe.encoder} has {len(model.blocks)} blocks (use 1..that)")
     train_set = select(open_listing(probe.train, "train", probe.dataset), per_class=probe.train_per_class)
     split = "test" if probe.val == "fashion_mnist" else probe.eval_split
     test_set = open_listing(probe.val, split, probe.dataset)

@@ -245,7 +245,7 @@ def main(
     job = Job(encoder, dataset, data, **job)
     recipe = dataclasses.replace(RECIPES[dataset], **tweaks)
     device = distributed.init(local_rank)
-    engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size)
+    engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size, "recipe.batch_size")
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     tuner = FineTuner(job, recipe, engine_cfg, device)
     if distributed.rank() == 0 and tuner.report is not None:

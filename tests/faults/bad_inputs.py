@@ -1,0 +1,157 @@
+"""The bad-input table: every user-facing command fed wrong paths, empty folders, corrupt files, missing
+images, wrong class counts, wrong teacher weights and inconsistent DeepSpeed JSON.
+
+    python -m tests.faults.bad_inputs --pretrained RUN_DIR --out cases.json [--markdown]
+
+Runs every case in this one process (imports are paid once), calling each command's ``main``/``convert``
+exactly as its command line does, and records the exception, its message and the seconds until it was
+raised. tests/faults/test_bad_input.py asserts the result; ``--markdown`` prints the README table.
+"""
+
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.conftest import write_ade20k, write_class_folder
+
+
+def _ds(path: Path, **fields) -> str:
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 0}} | fields))
+    return str(path)
+
+
+def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
+    """(command, bad input, thunk, text the error must contain)."""
+    from data_prep.write_ffcv import convert
+    from dtm_ds.train import main as pretrain
+    from eval.finetune import main as finetune
+    from eval.knn import main as knn
+    from eval.linear import main as linear
+    from eval.seg.train import main as segment
+
+    imgs = tmp / "imgs"
+    write_class_folder(imgs, {"a": 8, "b": 8}, size=(40, 40))
+    (tmp / "empty").mkdir()
+    corrupt = tmp / "corrupt"
+    corrupt.mkdir()
+    for i in range(4):
+        (corrupt / "x").mkdir(exist_ok=True)
+        (corrupt / "x" / f"{i}.jpg").write_bytes(b"not a jpeg")
+    (tmp / "list.txt").write_text(f"{imgs}/a/000.jpg 0\n{tmp}/gone.jpg 1\n")
+    (tmp / "junk.beton").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp / "junk.bin").write_bytes(np.random.default_rng(1).bytes(4096))
+    good_ds = _ds(tmp / "ds.json")
+    run = str(tmp / "run")
+    pre = dict(ds_config=good_ds, model="tiny", output_dir=run, max_steps=2)
+    data = {"data.path": str(imgs), "data.workers": 0}
+    torch.save({"blocks.0.nonsense": torch.zeros(3)}, tmp / "wrong_teacher.pt")
+    cub = tmp / "CUB_200_2011"  # images.txt lists an image that is not there
+    (cub / "images" / "001.A").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cub / "images" / "001.A" / "a.jpg")
+    (cub / "images.txt").write_text("1 001.A/a.jpg\n2 001.A/missing.jpg\n")
+    (cub / "image_class_labels.txt").write_text("1 1\n2 1\n")
+    (cub / "train_test_split.txt").write_text("1 1\n2 0\n")
+    (cub / "classes.txt").write_text("1 001.A\n")
+    cub_labels = tmp / "cub_labels"  # a label beyond classes.txt
+    import shutil
+
+    shutil.copytree(cub, cub_labels)
+    (cub_labels / "images.txt").write_text("1 001.A/a.jpg\n")
+    (cub_labels / "image_class_labels.txt").write_text("1 7\n")
+    (cub_labels / "train_test_split.txt").write_text("1 1\n")
+    ade = write_ade20k(tmp / "ade" / "ADEChallengeData2016", 2, 1)
+    bad_ade = tmp / "bad_ade" / "ADEChallengeData2016"
+    shutil.copytree(ade, bad_ade)
+    next((bad_ade / "annotations" / "validation").glob("*.png")).unlink()
+
+    fm = dict(dataset="fmnist", data="fashion_mnist", ds_config=good_ds, output_dir=str(tmp / "ft"), workers=0)
+    fm["recipe.batch_size"] = 8
+    return [
+        ("data_prep.write_ffcv", "source folder does not exist", lambda: convert(str(tmp / "nope"), str(tmp / "o.beton")), "nope"),
+        ("data_prep.write_ffcv", "empty source folder", lambda: convert(str(tmp / "empty"), str(tmp / "o.beton")), "empty"),
+        ("data_prep.write_ffcv", "every image corrupt (over --max_bad)", lambda: convert(str(corrupt), str(tmp / "o.beton")), "4 of 4"),
+        ("data_prep.write_ffcv", "list file names a missing image", lambda: convert(str(tmp / "list.txt"), str(tmp / "o.beton"), max_bad=0), "gone.jpg"),
+        ("data_prep.write_ffcv", "unknown --dataset", lambda: convert(str(imgs), str(tmp / "o.beton"), dataset="cubb"), "cubb"),
+        ("dtm_ds/train.py", "unknown model preset", lambda: pretrain(**(pre | {"model": "vitx"})), "vitx"),
+        ("dtm_ds/train.py", "unknown config key", lambda: pretrain(**pre, **{"optim.lrr": 1.0}), "optim.lrr"),
+        ("dtm_ds/train.py", "DeepSpeed JSON missing", lambda: pretrain(**(pre | {"ds_config": str(tmp / "no.json")}), **data), "no.json"),
+        ("dtm_ds/train.py", "DeepSpeed JSON not JSON", lambda: pretrain(**(pre | {"ds_config": str(tmp / "list.txt")}), **data), "list.txt"),
+        ("dtm_ds/train.py", "train_batch_size != micro x accum x world", lambda: pretrain(**(pre | {"ds_config": _ds(tmp / "b.json", train_batch_size=24)}), **data), "train_batch_size"),
+        ("dtm_ds/train.py", "--optim.batch_size disagrees with the JSON", lambda: pretrain(**pre, **data, **{"optim.batch_size": 64}), "optim.batch_size = 64"),
+        ("dtm_ds/train.py", "data path does not exist", lambda: pretrain(**pre, **{"data.path": str(tmp / "none")}), "none"),
+        ("dtm_ds/train.py", ".beton missing (ffcv backend)", lambda: pretrain(**pre, **{"data.path": str(tmp / "none.beton"), "data.backend": "ffcv"}), "none.beton"),
+        ("dtm_ds/train.py", "corrupt .beton", lambda: pretrain(**pre, **{"data.path": str(tmp / "junk.beton"), "data.backend": "ffcv"}), "junk.beton"),
+        ("dtm_ds/train.py", ".beton given to the torchvision backend", lambda: pretrain(**pre, **{"data.path": str(tmp / "junk.beton")}), "--data.backend=ffcv"),
+        ("dtm_ds/train.py", "binary file as a list file", lambda: pretrain(**pre, **{"data.path": str(tmp / "junk.bin")}), "junk.bin"),
+        ("dtm_ds/train.py", "batch larger than the dataset", lambda: pretrain(**(pre | {"ds_config": _ds(tmp / "big.json", train_micro_batch_size_per_gpu=32)}), **data), "32"),
+        ("dtm_ds/train.py", "teacher weights file missing", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "no.pt")}), "no.pt"),
+        ("dtm_ds/train.py", "teacher weights of another model", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "wrong_teacher.pt")}), "wrong_teacher.pt"),
+        ("dtm_ds/train.py", "unknown teacher kind", lambda: pretrain(**pre, **data, **{"teacher.name": "dino:vit"}), "dino:vit"),
+        ("eval/finetune.py", "unknown dataset", lambda: finetune(pretrained, **(fm | {"dataset": "cifar"})), "cifar"),
+        ("eval/finetune.py", "encoder path does not exist", lambda: finetune(str(tmp / "no_run"), **fm), "no_run"),
+        ("eval/finetune.py", "dataset root does not exist", lambda: finetune(pretrained, **(fm | {"dataset": "cub", "data": str(tmp / "no_cub")})), "no_cub"),
+        ("eval/finetune.py", "images listed but missing (CUB)", lambda: finetune(pretrained, **(fm | {"dataset": "cub", "data": str(cub)})), "missing.jpg"),
+        ("eval/finetune.py", "label beyond the class list (CUB)", lambda: finetune(pretrained, **(fm | {"dataset": "cub", "data": str(cub_labels)})), "class index 6 (0-based; valid 0..0)"),
+        ("eval/finetune.py", "unknown option", lambda: finetune(pretrained, **fm, epochz=3), "epochz"),
+        ("eval/finetune.py", "recipe batch != DeepSpeed JSON", lambda: finetune(pretrained, **(fm | {"recipe.batch_size": 100})), "100"),
+        ("eval/knn.py", "encoder path does not exist", lambda: knn(str(tmp / "no_run"), train="fashion_mnist", val="fashion_mnist", dataset="fmnist"), "no_run"),
+        ("eval/linear.py", "more blocks than the encoder has", lambda: linear(pretrained, train="fashion_mnist", val="fashion_mnist", blocks=9), "9"),
+        ("eval/seg/train.py", "ADE20K root does not exist", lambda: segment(str(tmp / "no_ade"), arch="tiny"), "no_ade"),
+        ("eval/seg/train.py", "validation image without annotation", lambda: segment(str(bad_ade), arch="tiny"), "have no annotation"),
+        ("eval/seg/train.py", "crop not a multiple of the patch", lambda: segment(str(ade), arch="tiny", crop=30, output_dir=str(tmp / "seg")), "30"),
+        ("eval/seg/train.py", "--test_only without a checkpoint", lambda: segment(str(ade), arch="tiny", test_only=True, output_dir=str(tmp / "seg")), "--checkpoint"),
+    ]  # fmt: skip
+
+
+def run_all(pretrained: str) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for command, bad, thunk, expect in cases(Path(tmp), pretrained):
+            start = time.perf_counter()
+            try:
+                thunk()
+                error, message = None, ""
+            except (Exception, SystemExit) as e:  # noqa: BLE001 (recording what each command raises)
+                error, message = type(e).__name__, str(e)
+                if not message.strip():
+                    message = traceback.format_exc(limit=2)
+            steps = Path(tmp, "run", "metrics.jsonl").exists() or Path(tmp, "ft", "metrics.jsonl").exists()
+            rows.append(
+                {
+                    "command": command,
+                    "input": bad,
+                    "error": error,
+                    "message": message,
+                    "expect": expect,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "trained": steps,
+                }  # fmt: skip
+            )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| command | bad input | error |", "|---|---|---|"]
+    for r in rows:
+        text = " ".join(r["message"].split()).replace("|", "\\|")
+        lines.append(f"| `{r['command']}` | {r['input']} | {r['error']}: {text[:220]} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import fire
+
+    def main(pretrained: str, out: str, markdown_table: bool = False):
+        rows = run_all(pretrained)
+        Path(out).write_text(json.dumps(rows, indent=1))
+        if markdown_table:
+            print(markdown(rows))
+
+    sys.exit(fire.Fire(main, serialize=lambda _: None))
