@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup sysdeps test lint format bench clean demo pretrain data-imagenet check-eval-args \
+.PHONY: setup sysdeps test test-faults lint format bench clean demo pretrain data-imagenet check-eval-args \
 	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn eval-ade20k
 
 setup: $(STAMP)
@@ -34,6 +34,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run): ~8 min
+test-faults: $(STAMP)
+	$(PY) -m pytest tests/faults -m "" -s $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -33,7 +33,7 @@ def is_complete(tag_dir: Path) -> bool:
     try:
         record = json.loads((tag_dir / COMPLETE).read_text())
         return all((tag_dir / name).stat().st_size == size for name, size in record["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable or malformed
         return False
 
 

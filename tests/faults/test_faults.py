@@ -61,6 +61,21 @@ def test_kill_during_checkpoint_write_falls_back_and_resumes_exactly(images, tmp
     assert is_complete(cut) and (_ckpts(run) / "latest").read_text() == "step00000012"
 
 
+@pytest.mark.parametrize("kill_at", [2, pytest.param(9, marks=pytest.mark.faults_slow)])
+def test_sigkill_at_a_step_then_resume_gives_the_same_losses(images, tmp_path, kill_at):
+    """Step 2: before the first checkpoint (a fresh start); step 9: after the step-8 one."""
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    subprocess.run(_train_cmd(images, tmp_path / "a", ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_train_cmd(images, out, ds, 12), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    _wait_for_step(out, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_train_cmd(images, out, ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    torch.testing.assert_close(_losses(out), _losses(tmp_path / "a"), rtol=1e-6, atol=0)
+
+
 def test_finetune_sigkill_mid_epoch_resumes_with_equal_losses(pretrained, tmp_path):
     ds = _ds_json(tmp_path / "ds.json", 8)
 

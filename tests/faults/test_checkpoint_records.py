@@ -1,0 +1,47 @@
+"""Which checkpoint folder a resume picks: the newest complete one, never a cut one."""
+
+import json
+
+import pytest
+
+from dtm_ds.checkpoint import COMPLETE, is_complete, latest_tag
+
+
+def _tag(root, name, files: dict[str, bytes], record: dict | None = "auto"):
+    folder = root / "checkpoints" / name
+    folder.mkdir(parents=True)
+    for file, data in files.items():
+        (folder / file).write_bytes(data)
+    if record == "auto":
+        record = {"step": 1, "files": {f: len(d) for f, d in files.items()}}
+    if record is not None:
+        (folder / COMPLETE).write_text(json.dumps(record))
+    return folder
+
+
+def test_newest_complete_checkpoint_wins_and_cut_ones_are_skipped_with_a_warning(tmp_path):
+    _tag(tmp_path, "step00000004", {"model.pt": b"x" * 10})
+    _tag(tmp_path, "step00000008", {"model.pt": b"y" * 10})
+    assert latest_tag(tmp_path, "step") == "step00000008"
+    truncated = _tag(tmp_path, "step00000012", {"model.pt": b"z" * 10})
+    (truncated / "model.pt").write_bytes(b"z" * 5)  # a file shorter than recorded
+    _tag(tmp_path, "step00000016", {"model.pt": b"w" * 10}, record=None)  # no record: the write was cut
+    _tag(tmp_path, "step00000020", {"model.pt": b"v"}, record={"files": "garbage"})
+    with pytest.warns(
+        UserWarning, match=r"\['step00000020', 'step00000016', 'step00000012'\] .* falling back to step00000008"
+    ):
+        assert latest_tag(tmp_path, "step") == "step00000008"
+    assert not is_complete(truncated)
+
+
+def test_no_complete_checkpoint_means_a_fresh_start(tmp_path):
+    assert latest_tag(tmp_path, "step") is None
+    _tag(tmp_path, "step00000004", {"model.pt": b"x"}, record=None)
+    with pytest.warns(UserWarning, match="no complete checkpoint"):
+        assert latest_tag(tmp_path, "step") is None
+
+
+def test_best_and_other_prefixes_are_not_resumed_from(tmp_path):
+    _tag(tmp_path, "best", {"model.pt": b"x"})
+    _tag(tmp_path, "epoch00000002", {"model.pt": b"x"})
+    assert latest_tag(tmp_path, "step") is None and latest_tag(tmp_path, "epoch") == "epoch00000002"
