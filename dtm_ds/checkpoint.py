@@ -37,6 +37,15 @@ def is_complete(tag_dir: Path) -> bool:
         return False
 
 
+def _usable(tag_dir: Path) -> bool:
+    """Complete, or written before completion records existed: then DeepSpeed's ``latest`` (written only
+    after a whole save) names it and it has no record at all."""
+    if is_complete(tag_dir):
+        return True
+    latest = tag_dir.parent / "latest"
+    return not (tag_dir / COMPLETE).exists() and latest.is_file() and latest.read_text().strip() == tag_dir.name
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -53,7 +62,7 @@ def latest_tag(output_dir: str | Path, prefix: str = "") -> str | None:
     tags = sorted((p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name != "best"), reverse=True)
     skipped = []
     for tag_dir in tags:
-        if is_complete(tag_dir):
+        if _usable(tag_dir):
             if skipped:
                 warnings.warn(
                     f"checkpoint(s) {skipped} in {folder} are incomplete (cut off mid-write); "
@@ -106,6 +115,7 @@ def save(
     if dist.is_initialized():
         dist.barrier()
     if rank0:
+        usable = {p.name for p in folder.glob(f"{prefix}*") if p.is_dir() and _usable(p)}  # before `latest` moves
         for p in tag_dir.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:
@@ -114,7 +124,7 @@ def save(
         if tag != "best":
             _write_atomic(folder / "latest", tag)  # DeepSpeed's pointer, for its own tools (zero_to_fp32)
             tags = sorted(p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name <= tag)
-            complete = [p for p in tags if is_complete(p)]
+            complete = [p for p in tags if p.name in usable or p.name == tag]
             for old in [p for p in tags if p not in complete] + complete[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     return tag

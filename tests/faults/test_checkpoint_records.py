@@ -45,3 +45,12 @@ def test_best_and_other_prefixes_are_not_resumed_from(tmp_path):
     _tag(tmp_path, "best", {"model.pt": b"x"})
     _tag(tmp_path, "epoch00000002", {"model.pt": b"x"})
     assert latest_tag(tmp_path, "step") is None and latest_tag(tmp_path, "epoch") == "epoch00000002"
+
+
+def test_a_checkpoint_from_before_completion_records_is_resumed_from(tmp_path):
+    """Older runs have no records: DeepSpeed's `latest` (written after a whole save) vouches for one."""
+    _tag(tmp_path, "step00000004", {"model.pt": b"x"}, record=None)
+    _tag(tmp_path, "step00000008", {"model.pt": b"x"}, record=None)
+    (tmp_path / "checkpoints" / "latest").write_text("step00000004")
+    with pytest.warns(UserWarning, match=r"\['step00000008'\] .* falling back to step00000004"):
+        assert latest_tag(tmp_path, "step") == "step00000004"
