@@ -124,7 +124,7 @@ def test_reader_errors(tmp_path):
         load("aircraft", tmp_path / "air", "test")
     make_pets(tmp_path / "pets")
     (tmp_path / "pets" / "annotations" / "test.txt").write_text("Abyssinian_7 40 1 1\n")
-    with pytest.raises(ValueError, match=r"label 39 out of range \[0, 37\)"):
+    with pytest.raises(ValueError, match=r"class index 39 \(0-based; valid 0..36\)"):
         load("pets", tmp_path / "pets", "test")
     with pytest.raises(FileNotFoundError, match="val2018.json not found"):
         load("inat18", tmp_path, "val")

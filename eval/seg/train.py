@@ -147,6 +147,8 @@ def main(
     Other flags: see ``build_cfg``."""
     from mmengine.runner import Runner
 
+    if test_only and (not checkpoint or not Path(checkpoint).is_file()):
+        raise FileNotFoundError(f"--test_only needs --checkpoint=<an iter_*.pth or best_*.pth file>; got {checkpoint}")
     rank0 = os.environ.get("RANK", "0") == "0"
     counts = check_ade20k(data, splits=("val",) if test_only else ("train", "val"), scan_labels=scan_labels and rank0)
     print(f"ADE20K at {data}: {counts}", flush=True)
@@ -155,10 +157,6 @@ def main(
     if cfg.launcher != "none" and not torch.cuda.is_available():
         torch.distributed.init_process_group("gloo")  # mmengine's own launcher assumes CUDA devices
     if test_only:
-        if not checkpoint or not Path(checkpoint).is_file():
-            raise FileNotFoundError(
-                f"--test_only needs --checkpoint=<an iter_*.pth or best_*.pth file>; got {checkpoint}"
-            )
         cfg.load_from, cfg.resume = checkpoint, False
         if multi_scale:
             cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
