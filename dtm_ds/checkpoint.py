@@ -1,5 +1,6 @@
 """Checkpoints: DeepSpeed engine states plus our client state, rotation, export and loading the student."""
 
+import gc
 import json
 import os
 import shutil
@@ -100,18 +101,22 @@ def save(
         (tag_dir / COMPLETE).unlink(missing_ok=True)  # rewriting a tag: it is incomplete until the end
     if dist.is_initialized():
         dist.barrier()
+    failure = None
     try:
         engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        failure = f"{type(e).__name__}: {str(e).strip()[:200]}"
+    if failure is not None:  # outside the handler: the failed writer's open file goes with its frames
+        gc.collect()
         if rank0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         previous = latest_tag(output_dir, prefix)
         free = shutil.disk_usage(folder).free / 2**20
         raise CheckpointError(
-            f"writing checkpoint {tag_dir} failed ({type(e).__name__}: {str(e).strip()[:200]}); "
-            f"{free:.1f} MiB are free on its disk after removing the partial folder. The last complete "
-            f"checkpoint, {previous or 'none'}, is intact: free space and re-run the same command to resume."
-        ) from e
+            f"writing checkpoint {tag_dir} failed ({failure}); {free:.1f} MiB are free on its disk after "
+            f"removing the partial folder. The last complete checkpoint, {previous or 'none'}, is intact: "
+            "free space and re-run the same command to resume."
+        )
     if dist.is_initialized():
         dist.barrier()
     if rank0:
