@@ -221,7 +221,7 @@ class Trainer:
             return
         state = self.state | {"config": self.config.to_dict()}
         if self.config.run.fault_kill_in_save == self.state["step"]:
-            _cut_next_write(self.engine)
+            cut_next_checkpoint_write(self.engine)
         checkpoint.save(self.engine, self.config.run.output_dir, self.state["step"], state, self.config.run.keep_last)
 
     def _resume(self) -> None:
@@ -251,7 +251,7 @@ def _lost_peer(config: Config, error: Exception) -> None:
     )
 
 
-def _cut_next_write(engine) -> None:
+def cut_next_checkpoint_write(engine) -> None:
     """Fault injection: the engine's next checkpoint file gets half its bytes, then the process is killed."""
 
     def write_half_and_die(state_dict, path: str) -> None:

@@ -33,7 +33,7 @@ from data_prep.sources import select
 from dtm_ds import checkpoint, distributed
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.logs import RunLog
-from dtm_ds.train import cast_float_buffers, engine_config, engine_dtype, lr_factor
+from dtm_ds.train import cast_float_buffers, cut_next_checkpoint_write, engine_config, engine_dtype, lr_factor
 from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
 from eval.recipes import RECIPES, Recipe
 
@@ -62,6 +62,8 @@ class Job:
     max_epochs: int | None = None
     """Stop after this many epochs (the schedule still spans recipe.epochs); a re-run continues."""
     log_every: int = 10
+    fault_kill_in_save: int = 0
+    """Fault injection for tests: SIGKILL halfway through writing the checkpoint of this epoch (0: never)."""
 
 
 class FineTuner:
@@ -209,6 +211,8 @@ class FineTuner:
             self.state["epoch"] = epoch + 1
             if best:
                 checkpoint.save(self.engine, self.output_dir, epoch + 1, dict(self.state), 1, tag="best")
+            if self.job.fault_kill_in_save == epoch + 1:
+                cut_next_checkpoint_write(self.engine)
             checkpoint.save(
                 self.engine, self.output_dir, epoch + 1, dict(self.state), self.job.keep_last, prefix="epoch"
             )

@@ -77,10 +77,12 @@ def test_sigkill_at_a_step_then_resume_gives_the_same_losses(images, tmp_path, k
     torch.testing.assert_close(_losses(out), _losses(tmp_path / "a"), rtol=1e-6, atol=0)
 
 
-def test_finetune_sigkill_mid_epoch_resumes_with_equal_losses(pretrained, tmp_path):
+@pytest.mark.parametrize("when", ["mid_epoch", pytest.param("in_save", marks=pytest.mark.faults_slow)])
+def test_finetune_sigkill_resumes_with_equal_losses(pretrained, tmp_path, when):
+    """Killed in the middle of epoch 2, or halfway through writing the epoch-2 checkpoint."""
     ds = _ds_json(tmp_path / "ds.json", 8)
 
-    def cmd(out):
+    def cmd(out, *extra):
         return [
             sys.executable,
             "eval/finetune.py",
@@ -104,19 +106,32 @@ def test_finetune_sigkill_mid_epoch_resumes_with_equal_losses(pretrained, tmp_pa
             "1",
             "--recipe.batch_size=8",
             "--recipe.epochs=3",
+            *extra,
         ]  # fmt: skip  (5 steps per epoch)
 
     subprocess.run(cmd(tmp_path / "reference"), check=True, cwd=ROOT, env=_env(), capture_output=True)
     out = tmp_path / "run"
-    proc = subprocess.Popen(cmd(out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_step(out, 7, proc)  # in the middle of epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 7 <= max(_losses(out)) < 15 and (_ckpts(out) / "latest").read_text() == "epoch00000001"
-    subprocess.run(cmd(out), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    if when == "mid_epoch":
+        proc = subprocess.Popen(cmd(out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_step(out, 7, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert 7 <= max(_losses(out)) < 15
+    else:
+        killed = subprocess.run(cmd(out, "--fault_kill_in_save", "2"), cwd=ROOT, env=_env(), capture_output=True)
+        assert killed.returncode == -signal.SIGKILL and not is_complete(_ckpts(out) / "epoch00000002")
+    assert (_ckpts(out) / "latest").read_text() == "epoch00000001"
+    resumed = subprocess.run(cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if when == "in_save":
+        assert "['epoch00000002'] in" in resumed.stderr and "falling back to epoch00000001" in resumed.stderr
     torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=1e-6, atol=0)
-    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # a kill between an epoch's eval row and its checkpoint repeats that row (same values), never loses it
+    assert _evals_by_epoch(out) == _evals_by_epoch(tmp_path / "reference") and len(_evals_by_epoch(out)) == 3
+
+
+def _evals_by_epoch(out):
+    return {row["epoch"]: row for row in map(json.loads, (out / "eval.jsonl").read_text().splitlines())}
 
 
 @pytest.fixture
