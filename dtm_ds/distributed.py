@@ -1,8 +1,13 @@
 """Distributed set-up in one place: environment defaults for plain runs, DeepSpeed init, rank getters."""
 
 import datetime
+import faulthandler
 import os
 import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,3 +67,34 @@ def mean_tensor(value: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(value)
         value /= world()
     return value.cpu()
+
+
+class Watchdog:
+    """Ends this rank when no training step finishes for ``timeout_s``: a peer that hangs can block a
+    collective that no backend times out (DeepSpeed's shared-memory all-reduce on CPU waits forever).
+    ``beat()`` after every step, ``pause()`` around checkpoint writes; it starts at the first beat."""
+
+    def __init__(self, timeout_s: float, message: Callable[[], str]):
+        self.timeout_s, self.message, self.last = timeout_s, message, None
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="dtm-watchdog").start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def pause(self) -> None:
+        self.last = None
+
+    def close(self) -> None:
+        self.done.set()
+
+    def _watch(self) -> None:
+        while not self.done.wait(min(5.0, self.timeout_s / 4)):
+            last = self.last
+            if last is not None and time.monotonic() - last > self.timeout_s:
+                sys.stderr.write(
+                    f"rank {rank()}: no training step finished in {self.timeout_s:g} s. {self.message()}\n"
+                )
+                faulthandler.dump_traceback(sys.stderr)  # where this rank was stuck
+                sys.stderr.flush()
+                os._exit(1)

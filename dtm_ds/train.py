@@ -92,6 +92,7 @@ class Trainer:
         self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nonfinite_total": 0}
         self.nonfinite_run = 0
         self.stop_requested = False
+        self.watchdog: distributed.Watchdog | None = None
         self.last_values: dict[str, float] = {}
 
     def _engine(self, ds_config: dict):
@@ -159,6 +160,8 @@ class Trainer:
         max_steps = min(run.max_steps or self.total_steps, self.total_steps)
         for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: save a checkpoint at the next step and exit
             signal.signal(sig, self._request_stop)
+        if distributed.world() > 1:
+            self.watchdog = distributed.Watchdog(run.dist_timeout_s, lambda: lost_peer_message(self.config))
         while self.state["step"] < max_steps and not self.stop_requested:
             epoch, start = self.state["epoch"], self.state["batch"]
             data_start = time.perf_counter()
@@ -167,6 +170,8 @@ class Trainer:
                 before = self.state["step"]
                 timed = (self.state["step"] + 1) % run.log_every == 0
                 last = self.train_step(batch, timed) | {"time_data": data_time}
+                if self.watchdog:
+                    self.watchdog.beat()
                 self._advance()
                 if self.nonfinite_run >= run.max_nonfinite:
                     raise FloatingPointError(
@@ -179,6 +184,8 @@ class Trainer:
                     break
                 data_start = time.perf_counter()
         self._save()
+        if self.watchdog:
+            self.watchdog.close()
         log.close()
         return self.last_values
 
@@ -222,7 +229,11 @@ class Trainer:
         state = self.state | {"config": self.config.to_dict()}
         if self.config.run.fault_kill_in_save == self.state["step"]:
             cut_next_checkpoint_write(self.engine)
+        if self.watchdog:  # a long write is not a hang; the backend's own timeout covers its collectives
+            self.watchdog.pause()
         checkpoint.save(self.engine, self.config.run.output_dir, self.state["step"], state, self.config.run.keep_last)
+        if self.watchdog:
+            self.watchdog.beat()
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.config.run.output_dir, prefix="step")
@@ -241,14 +252,18 @@ class Trainer:
         self.stop_requested = True
 
 
-def _lost_peer(config: Config, error: Exception) -> None:
+def lost_peer_message(config: Config) -> str:
     tag = checkpoint.latest_tag(config.run.output_dir, prefix="step")
-    first_line = str(error).strip().splitlines()[0][:300]
-    sys.exit(
-        f"rank {distributed.rank()}: lost contact with another rank ({type(error).__name__}: {first_line}). "
-        f"The launcher's report names the rank that failed first. The last complete checkpoint is "
-        f"{tag or 'none'} in {checkpoint.checkpoint_dir(config.run.output_dir)}; re-run the same command to resume."
+    return (
+        f"rank {distributed.rank()}: lost contact with another rank. The launcher's report names the rank that "
+        f"failed first. The last complete checkpoint is {tag or 'none'} in "
+        f"{checkpoint.checkpoint_dir(config.run.output_dir)}; re-run the same command to resume."
     )
+
+
+def _lost_peer(config: Config, error: Exception) -> None:
+    first_line = str(error).strip().splitlines()[0][:300]
+    sys.exit(f"{lost_peer_message(config)} ({type(error).__name__}: {first_line})")
 
 
 def cut_next_checkpoint_write(engine) -> None:
