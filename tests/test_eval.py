@@ -28,32 +28,18 @@ def test_transfer_copies_shared_table_into_every_block(pretrained, img_size):
     assert model(torch.randn(2, 3, img_size, img_size)).shape == (2, 10)
 
 
+def finetune_cmd(encoder, ds: str, out, *extra: str) -> list[str]:
+    """eval/finetune.py on Fashion-MNIST (Debian package) with micro batch 8 and no loader workers."""
+    return [sys.executable, "eval/finetune.py", "--encoder", str(encoder), "--dataset", "fmnist", "--data",
+            "fashion_mnist", "--ds_config", ds, "--output_dir", str(out), "--workers", "0",
+            "--recipe.batch_size=8", *extra]  # fmt: skip
+
+
 def test_finetune_through_deepspeed_resumes_exactly(pretrained, tmp_path):
     out = tmp_path / "ft"
     ds = _ds_json(tmp_path / "ds.json", 8)
-    cmd = [
-        sys.executable,
-        "eval/finetune.py",
-        "--encoder",
-        str(pretrained),
-        "--dataset",
-        "fmnist",
-        "--data",
-        "fashion_mnist",
-        "--ds_config",
-        ds,
-        "--output_dir",
-        str(out),
-        "--train_per_class",
-        "2",
-        "--eval_per_class",
-        "5",
-        "--workers",
-        "0",
-        "--recipe.batch_size=8",
-        "--recipe.epochs=2",
-        "--max_epochs=1",
-    ]
+    cmd = finetune_cmd(pretrained, ds, out, "--train_per_class=2", "--eval_per_class=5", "--recipe.epochs=2")
+    cmd.append("--max_epochs=1")
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (

@@ -19,6 +19,7 @@ import torch
 
 from dtm_ds.checkpoint import is_complete
 from tests.conftest import write_class_folder
+from tests.test_eval import finetune_cmd
 from tests.test_train import ROOT, _ds_json, _env, _losses, _train_cmd
 
 
@@ -83,32 +84,9 @@ def test_finetune_sigkill_resumes_with_equal_losses(pretrained, tmp_path, when):
     """Killed in the middle of epoch 2, or halfway through writing the epoch-2 checkpoint."""
     ds = _ds_json(tmp_path / "ds.json", 8)
 
-    def cmd(out, *extra):
-        return [
-            sys.executable,
-            "eval/finetune.py",
-            "--encoder",
-            str(pretrained),
-            "--dataset",
-            "fmnist",
-            "--data",
-            "fashion_mnist",
-            "--ds_config",
-            ds,
-            "--output_dir",
-            str(out),
-            "--train_per_class",
-            "4",
-            "--eval_per_class",
-            "2",
-            "--workers",
-            "0",
-            "--log_every",
-            "1",
-            "--recipe.batch_size=8",
-            "--recipe.epochs=3",
-            *extra,
-        ]  # fmt: skip  (5 steps per epoch)
+    def cmd(out, *extra):  # 5 steps per epoch
+        flags = ("--train_per_class=4", "--eval_per_class=2", "--log_every=1", "--recipe.epochs=3")
+        return finetune_cmd(pretrained, ds, out, *flags, *extra)
 
     subprocess.run(cmd(tmp_path / "reference"), check=True, cwd=ROOT, env=_env(), capture_output=True)
     out = tmp_path / "run"
