@@ -19,6 +19,8 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 COMPLETE = "complete.json"
+STAGING = ".partial-"
+"""Prefix of the folder a save writes into before it is complete (never resumed from)."""
 
 
 class CheckpointError(RuntimeError):
@@ -38,15 +40,6 @@ def is_complete(tag_dir: Path) -> bool:
         return False
 
 
-def _usable(tag_dir: Path) -> bool:
-    """Complete, or written before completion records existed: then DeepSpeed's ``latest`` (written only
-    after a whole save) names it and it has no record at all."""
-    if is_complete(tag_dir):
-        return True
-    latest = tag_dir.parent / "latest"
-    return not (tag_dir / COMPLETE).exists() and latest.is_file() and latest.read_text().strip() == tag_dir.name
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -56,6 +49,11 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_step(output_dir: str | Path, tag: str) -> int:
+    """The step a complete checkpoint recorded."""
+    return int(json.loads((checkpoint_dir(output_dir) / tag / COMPLETE).read_text())["step"])
+
+
 def latest_tag(output_dir: str | Path, prefix: str = "") -> str | None:
     """The newest complete checkpoint (``<prefix>*``, by name). Newer folders that a kill or a full disk
     cut off mid-write are passed over with a warning; they are never resumed from."""
@@ -63,7 +61,7 @@ def latest_tag(output_dir: str | Path, prefix: str = "") -> str | None:
     tags = sorted((p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name != "best"), reverse=True)
     skipped = []
     for tag_dir in tags:
-        if _usable(tag_dir):
+        if is_complete(tag_dir):
             if skipped:
                 warnings.warn(
                     f"checkpoint(s) {skipped} in {folder} are incomplete (cut off mid-write); "
@@ -86,53 +84,119 @@ def save(
     prefix: str = "step",
     tag: str | None = None,
 ) -> str:
-    """Collective: every rank calls it. Files are written, then (after a barrier) rank 0 writes the
-    completion record and ``latest`` atomically, then removes all but the newest ``keep_last`` complete
-    checkpoints and any older incomplete ones. A failed write (full disk) removes the partial folder and
-    raises ``CheckpointError``; earlier checkpoints are untouched. ``tag`` fixes the name (``best``)."""
+    """Collective: every rank calls it. Files go to a staging folder ``.partial-<tag>``; after a barrier
+    rank 0 syncs them, writes the completion record, renames the folder to ``<tag>`` and moves
+    ``latest``, then removes all but the newest ``keep_last`` complete checkpoints. So a complete
+    checkpoint is never touched before its successor is complete, and a kill at any moment leaves at
+    worst a staging folder, which nothing resumes from and the next save removes. A failed write (full
+    disk) removes the staging folder and raises ``CheckpointError``. ``tag`` fixes the name (``best``)."""
     import torch.distributed as dist
 
     folder = checkpoint_dir(output_dir)
     tag = tag or f"{prefix}{step:08d}"
-    tag_dir = folder / tag
+    staging = folder / f"{STAGING}{tag}"
     rank0 = engine.global_rank == 0
     if rank0:
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        (tag_dir / COMPLETE).unlink(missing_ok=True)  # rewriting a tag: it is incomplete until the end
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{STAGING}*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     failure = None
     try:
-        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(folder), tag=staging.name, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         failure = f"{type(e).__name__}: {str(e).strip()[:200]}"
     if failure is not None:  # outside the handler: the failed writer's open file goes with its frames
         gc.collect()
         if rank0:
-            shutil.rmtree(tag_dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
         previous = latest_tag(output_dir, prefix)
         free = shutil.disk_usage(folder).free / 2**20
         raise CheckpointError(
-            f"writing checkpoint {tag_dir} failed ({failure}); {free:.1f} MiB are free on its disk after "
+            f"writing checkpoint {folder / tag} failed ({failure}); {free:.1f} MiB are free on its disk after "
             f"removing the partial folder. The last complete checkpoint, {previous or 'none'}, is intact: "
             "free space and re-run the same command to resume."
         )
     if dist.is_initialized():
         dist.barrier()
     if rank0:
-        usable = {p.name for p in folder.glob(f"{prefix}*") if p.is_dir() and _usable(p)}  # before `latest` moves
-        for p in tag_dir.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        _write_atomic(tag_dir / COMPLETE, json.dumps({"step": step, "files": _sizes(tag_dir)}))
+        _publish(staging, folder / tag, step)
         if tag != "best":
             _write_atomic(folder / "latest", tag)  # DeepSpeed's pointer, for its own tools (zero_to_fp32)
             tags = sorted(p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name <= tag)
-            complete = [p for p in tags if p.name in usable or p.name == tag]
+            complete = [p for p in tags if is_complete(p)]
             for old in [p for p in tags if p not in complete] + complete[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     return tag
+
+
+def _publish(staging: Path, tag_dir: Path, step: int) -> None:
+    """Record a fully written staging folder as complete and rename it to ``tag_dir``. An existing
+    ``tag_dir`` (``best``) is moved aside first and removed only after the new one is in place."""
+    for p in staging.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _write_atomic(staging / COMPLETE, json.dumps({"step": step, "files": _sizes(staging)}))
+    old = tag_dir.with_name(f"{STAGING}old-{tag_dir.name}")
+    if tag_dir.exists():
+        os.rename(tag_dir, old)
+    os.rename(staging, tag_dir)
+    _fsync_dir(tag_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+UNIVERSAL = ".universal-"
+
+
+def zero_ranks(output_dir: str | Path, tag: str) -> int:
+    """The number of ranks a ZeRO checkpoint partitioned its optimizer state over (0 at stage 0)."""
+    return len(list((checkpoint_dir(output_dir) / tag).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def to_universal(output_dir: str | Path, tag: str) -> str:
+    """Rank 0: convert ZeRO checkpoint ``tag`` into DeepSpeed's universal format (optimizer state per
+    parameter, not per rank) in ``.universal-<tag>``, which an engine with ``checkpoint.load_universal``
+    loads on any number of ranks. Returns the converted tag; raises ``CheckpointError`` when DeepSpeed
+    cannot convert it."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    folder = checkpoint_dir(output_dir)
+    out = folder / f"{UNIVERSAL}{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(folder / tag),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its per-file progress
+            ds_to_universal.main(args)
+    except Exception as err:  # DeepSpeed raises assorted errors for layouts it cannot convert
+        shutil.rmtree(out, ignore_errors=True)
+        raise CheckpointError(
+            f"DeepSpeed cannot convert {folder / tag} to a universal checkpoint ({type(err).__name__}: {err}); "
+            "resume it on the number of ranks and the accumulation it was saved with"
+        ) from err
+    (folder / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; we pass tags
+    return out.name
 
 
 def student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:

@@ -75,6 +75,9 @@ class DTMConfig:
     beta: float = 2.0
     protect_first: bool = True
     """The first token never merges away (the reference's behaviour)."""
+    shared_schedule: bool = False
+    """One (n, k) draw per optimizer step for the whole global batch; False: one per micro-batch (the
+    reference draws one per rank and step)."""
 
     def __post_init__(self):
         if len(self.n_max) != len(self.k_max) or not self.n_max:
@@ -129,11 +132,6 @@ class RunConfig:
     """torch.compile backend for the student and the DTM step (e.g. 'inductor'); None: eager."""
     dist_timeout_s: float = 600
     """Seconds a collective waits for a hung rank before the run fails (a dead rank fails it at once)."""
-    fault_nan_steps: list[int] = field(default_factory=list)
-    """Fault injection for tests: micro-steps (0-based) whose loss is made NaN."""
-    fault_kill_in_save: int = 0
-    """Fault injection for tests: SIGKILL this process halfway through writing the first file of the
-    checkpoint at this step (0: never)."""
 
 
 @dataclass

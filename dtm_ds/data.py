@@ -1,11 +1,14 @@
 """Pretraining and evaluation input pipelines: FFCV (default) or torchvision ImageFolder.
 
-Determinism: a rank's sample order is a function of (seed, epoch, rank, world); flips, colour jitter
-and masks are functions of (seed, epoch, sample); crops are functions of (seed, epoch, sample) with the
-torchvision backend and of (seed, sample, its batch's first and last ids) with FFCV, whose decoder
-sees no epoch. So a run resumed at (epoch, batch) sees exactly the batches it would have seen, FFCV's
-decode threads never share a random state, and (torchvision backend) the same sample gets the same
-augmentation whatever the number of ranks.
+Determinism: the *global* sample order is a function of (seed, epoch) alone. Each optimizer step takes
+the next global batch of ``batch_size x accum x world`` samples and cuts it into chunks of
+``batch_size`` (a micro-batch each); rank r runs chunks ``r*accum .. r*accum + accum - 1`` as its
+micro-steps. So a chunk's samples depend on (seed, epoch, step, chunk) only, and 2 ranks x accumulation
+1 run the same chunks as 1 rank x accumulation 2 (elastic resume). Flips, colour jitter and masks are
+functions of (seed, epoch, sample); crops are functions of (seed, epoch, sample) with the torchvision
+backend and of (seed, sample, its chunk's first and last ids) with FFCV, whose decoder sees no epoch. So
+a run resumed at (epoch, batch) sees exactly the batches it would have seen, and FFCV's decode threads
+never share a random state.
 """
 
 from collections.abc import Iterator
@@ -36,6 +39,8 @@ class LoaderSpec:
     seed: int = 0
     rank: int = 0
     world: int = 1
+    accum: int = 1
+    """Micro-batches per optimizer step on each rank (DeepSpeed's gradient_accumulation_steps)."""
     workers: int = 2
     backend: str = "ffcv"  # or "torchvision" (an image folder / any data_prep source)
 
@@ -48,6 +53,8 @@ class LoaderSpec:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank {self.rank} is not in [0, world={self.world})")
+        if self.accum < 1:
+            raise ValueError(f"gradient accumulation must be >= 1, got {self.accum}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -56,16 +63,20 @@ class LoaderSpec:
 
 
 def epoch_order(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
-    """This rank's sample ids for ``epoch``: a (seed, epoch) permutation split by rank, full batches only."""
-    per_rank = num_samples // spec.world
-    batches = per_rank // spec.batch_size
-    if batches == 0:
+    """This rank's sample ids for ``epoch``, micro-batch after micro-batch (full global batches only).
+
+    The (seed, epoch) permutation is cut into global batches of micro x accum x world samples, each into
+    ``accum x world`` chunks; this rank takes its ``accum`` consecutive chunks of every global batch."""
+    chunks = spec.accum * spec.world
+    steps = num_samples // (spec.batch_size * chunks)
+    if steps == 0:
         raise ValueError(
-            f"batch_size {spec.batch_size} per rank is larger than the {per_rank} samples each of the "
-            f"{spec.world} ranks gets from {spec.path} ({num_samples} samples)"
+            f"the global batch ({spec.batch_size} per rank x accumulation {spec.accum} x {spec.world} ranks) "
+            f"is larger than the {num_samples} samples of {spec.path}"
         )
     perm = np.random.default_rng([spec.seed, epoch]).permutation(num_samples)
-    return perm[spec.rank : per_rank * spec.world : spec.world][: batches * spec.batch_size]
+    per_step = perm[: steps * spec.batch_size * chunks].reshape(steps, chunks, spec.batch_size)
+    return per_step[:, spec.rank * spec.accum : (spec.rank + 1) * spec.accum].reshape(-1)
 
 
 def augment_on_device(images: torch.Tensor, draws: torch.Tensor, jitter: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
     A collective that waits ``timeout_s`` for a rank that hangs raises instead of blocking forever (a rank
     that dies is noticed at once: its connections close).
     """
+    from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
@@ -44,6 +45,26 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
     return torch.device("cpu")
 
 
+def from_slurm(env: dict | None = None) -> dict:
+    """Map an ``srun`` task's SLURM variables to torch's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) when
+    no launcher set them; MASTER_ADDR is the first host of the job (``scontrol show hostnames``)."""
+    env = os.environ if env is None else env
+    if "SLURM_PROCID" not in env or "RANK" in env:
+        return env
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        if any(c in nodes for c in "[,"):  # a compressed host list: let SLURM expand it
+            import subprocess
+
+            nodes = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   check=True).stdout.split()[0]  # fmt: skip
+        env["MASTER_ADDR"] = nodes
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000))
+    return env
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -52,12 +73,43 @@ def world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
-def any_nonfinite(value: torch.Tensor) -> bool:
-    """True on every rank when ``value`` is not finite on any rank (one scalar to the host)."""
-    flag = (~torch.isfinite(value.detach())).float().reshape(1)
+def agree(flag: torch.Tensor, local: bool) -> tuple[bool, bool]:
+    """``(any rank's flag, any rank's local)``: one all-reduce of two numbers and one transfer to the host,
+    identical on every rank. ``flag`` is a device bool scalar; ``local`` a host bool (filled on the device
+    by a kernel, not copied: a host-to-device copy would wait for the device)."""
+    both = torch.stack([flag.float().reshape(()), torch.full((), float(local), device=flag.device)])
     if world() > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    first, second = both.tolist()
+    return first > 0, second > 0
+
+
+def on_rank0(fn: Callable):
+    """Run ``fn`` on rank 0, then share its (picklable) result with every rank. An error on rank 0 is
+    raised on every rank, so none is left waiting."""
+    result, error = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised on every rank below
+            error = err
+    if world() > 1:
+        box = [(result, error)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_rows(row: torch.Tensor) -> torch.Tensor:
+    """[world, K]: every rank's 1-D ``row`` (a collective; CPU result)."""
+    if world() == 1:
+        return row.reshape(1, -1).cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    rows = [torch.empty_like(row, device=device) for _ in range(world())]
+    torch.distributed.all_gather(rows, row.to(device))
+    return torch.stack(rows).cpu()
 
 
 def mean_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -1,46 +1,63 @@
-"""Run logs on rank 0: metrics.jsonl, TensorBoard scalars/images and a progress bar."""
+"""Run logs on rank 0: metrics.jsonl, TensorBoard scalars/images and a progress bar; FLOPs for MFU.
+
+Values are written as they are: JSON floats (shortest round-trip repr, never fixed decimals), so a
+warm-up lr of 3.0218e-06 reads back as 3.0218e-06. Lists (per parameter group, per rank) go to
+metrics.jsonl whole and to TensorBoard as their min and max.
+"""
 
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+"""Dense bf16 peak FLOP/s per device (vendor data sheets); MFU is logged for these devices only."""
+
 
 class RunLog:
-    """``step()`` after every optimizer step; lines go out every ``every`` steps with the img/s since the last."""
+    """``step()`` at logging steps; each line carries the img/s and tokens/s since the previous one."""
 
-    def __init__(self, output_dir: str, active: bool, total_steps: int, start_step: int, every: int = 1):
-        self.active, self.every = active, every
+    def __init__(self, output_dir: str, active: bool, total_steps: int, start_step: int, task: str):
+        self.active = active
         self.last_time, self.last_step = time.perf_counter(), start_step
+        self.peak = device_peak_flops()
         if not active:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(Path(output_dir) / "tb"))
         self.metrics = open(Path(output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=task, dynamic_ncols=True)
 
-    def step(self, step: int, values: dict[str, float], global_batch: int) -> None:
+    def step(self, step: int, values: dict, global_batch: int, flops_per_image: float | None = None,
+             tokens_per_image: int = 0, world: int = 1) -> None:  # fmt: skip
+        """Write ``values`` for optimizer step ``step`` plus throughput (total and per rank), MFU where the
+        device's peak is known, and this process's memory and open files."""
+        now = time.perf_counter()
+        img_s = global_batch * (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
         if not self.active:
             return
-        self.bar.update(step - self.bar.n)
-        now = time.perf_counter()
-        values = dict(values)
-        values["img_per_s"] = global_batch * (step - self.last_step) / max(now - self.last_time, 1e-9)
-        values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        values = dict(values) | {"img_per_s": img_s, "img_per_s_per_rank": img_s / world}
+        if tokens_per_image:
+            tokens = img_s * tokens_per_image
+            values |= {"tokens_per_s": tokens, "tokens_per_s_per_rank": tokens / world}
+        if flops_per_image and self.peak:
+            values["mfu"] = flops_per_image * img_s / (world * self.peak)
         values |= process_usage()
-        if torch.cuda.is_available():
-            values["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        self.last_time, self.last_step = now, step
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
-        self.metrics.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in values.items()}}) + "\n")
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{img_s:.0f}")
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
         self.metrics.flush()
         for key, value in values.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
+            if isinstance(value, list):
+                self.writer.add_scalar(f"train/{key}_max", max(value), step)
+                self.writer.add_scalar(f"train/{key}_min", min(value), step)
+            else:
+                self.writer.add_scalar(f"train/{key}", value, step, new_style=True)
 
     def image(self, step: int, image: torch.Tensor) -> None:
         if self.active:
@@ -51,6 +68,55 @@ class RunLog:
             self.bar.close()
             self.metrics.close()
             self.writer.close()
+
+
+class Clock:
+    """Accumulates wall time per phase; synchronises the device first when given one (else no-op)."""
+
+    def __init__(self, device: torch.device | None):
+        self.device, self.times, self.last = device, {}, time.perf_counter()
+
+    def __call__(self, phase: str) -> None:
+        if self.device is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.add(phase, now - self.last)
+        self.last = now
+
+    def add(self, phase: str, seconds: float) -> None:
+        if self.device is not None:
+            self.times[phase] = self.times.get(phase, 0.0) + seconds
+            self.last = time.perf_counter()
+
+
+def device_peak_flops() -> float | None:
+    """This device's dense bf16 peak FLOP/s when known (``PEAK_BF16``), else None (CPU included)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def step_flops(teacher, model, target_dim: int, device: torch.device) -> float | None:
+    """FLOPs of one image through a training step: teacher forward, student forward and backward, counted
+    by ``torch.utils.flop_counter`` (the student on the meta device: no memory, no gradient hooks; DTM's
+    scatter means count as nothing). None where the device's peak is unknown (no MFU to compute)."""
+    if device_peak_flops() is None:
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dtm_ds.student import DTMStudent
+
+    with torch.device("meta"):
+        student = DTMStudent(model, target_dim)
+        fake = torch.zeros(1, 3, model.img_size, model.img_size)
+        mask = torch.zeros(1, model.grid**2, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        teacher(torch.zeros(1, 3, model.img_size, model.img_size, device=device))
+        student(fake, mask).float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
 
 
 def process_usage() -> dict[str, float]:

@@ -5,16 +5,22 @@
     python dtm_ds/train.py --ds_config ds_configs/cpu.json --model tiny --output_dir out --max_steps 100
 
 Any config field is overridable as ``--<section>.<field>=value``; the resolved config is saved as
-``<output_dir>/config.json``. A run resumes from the latest complete checkpoint in its output_dir.
+``<output_dir>/config.json``. A run resumes from the latest complete checkpoint in its output_dir, on the
+same or another number of ranks (the global batch must stay the same).
+
+One optimizer step is one *window*: ``gradient_accumulation_steps`` micro-batches on every rank. Each
+micro-step makes one all-reduce of two flags (its loss is non-finite; a stop signal arrived), so every
+rank knows both at the same micro-step. A window with a non-finite loss is dropped whole (no update, its
+gradients cleared, the lr schedule does not move); a stop signal ends the run at the end of the current
+window with one checkpoint, on every rank at the same step.
 """
 
-import io
 import json
-import math
-import os
+import shutil
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the package folder must not shadow top-level modules
@@ -24,232 +30,223 @@ import fire
 import numpy as np
 import torch
 
-from dtm_ds import checkpoint, distributed
-from dtm_ds.config import Config, build_config, save_config
+from dtm_ds import checkpoint, distributed, faults
+from dtm_ds.config import Config, build_config
 from dtm_ds.data import LoaderSpec, PretrainLoader
 from dtm_ds.dtm_step import DTMStep
-from dtm_ds.logs import RunLog
+from dtm_ds.engine import build_engine, engine_config, engine_dtype, grad_norms, lr_factor, param_groups, set_lr
+from dtm_ds.logs import Clock, RunLog, step_flops
 from dtm_ds.morph import sample_schedule
+from dtm_ds.run_record import check_and_record
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
 
 
-def engine_config(path: str, world: int, batch_size: int | None, batch_name: str = "optim.batch_size") -> dict:
-    """The DeepSpeed JSON with ``train_batch_size`` checked against micro batch x accumulation x world."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err})") from err
-    micro, accum = cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1)
-    if not isinstance(micro, int) or micro < 1:
-        raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")
-    derived = micro * accum * world
-    for name, value in (("train_batch_size in " + path, cfg.get("train_batch_size")), (batch_name, batch_size)):
-        if value is not None and value != derived:
-            raise ValueError(
-                f"{name} = {value} but micro batch {micro} x accumulation {accum} x world {world} = "
-                f"{derived}; make them agree"
-            )
-    return cfg | {"train_batch_size": derived}
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint."""
 
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms (all 1-D tensors), tokens and relative-position tables."""
-    skip = model.no_weight_decay()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            plain = p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table")
-            (no_decay if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine from 1 to ``min_ratio`` at ``total`` (a multiplier of the peak lr)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    step: int = 0
+    """Optimizer steps applied."""
+    epoch: int = 0
+    epoch_step: int = 0
+    """Windows of ``epoch`` consumed (applied or dropped)."""
+    skipped_windows: int = 0
+    """Windows dropped for a non-finite loss, over the whole run."""
 
 
 class Trainer:
-    """Builds the student engine, teacher and loader; ``fit()`` trains, logs, checkpoints and resumes."""
+    """Builds the loader, teacher and student engine; ``fit()`` trains, logs, checkpoints and resumes."""
 
     def __init__(self, config: Config, ds_config: dict, device: torch.device):
         self.config, self.device = config, device
         self.rank, self.world = distributed.rank(), distributed.world()
-        self.teacher = build_teacher(config.teacher, config.model, device)
+        self.accum = ds_config["gradient_accumulation_steps"]
         self.loader = PretrainLoader(_loader_spec(config, ds_config, self.rank, self.world), device)
-        self.steps_per_epoch = self.loader.batches_per_epoch // ds_config.get("gradient_accumulation_steps", 1)
+        self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
         self.total_steps = config.optim.epochs * self.steps_per_epoch
-        self.engine = self._engine(ds_config)
-        self.dtype = engine_dtype(ds_config)
-        self.dtm_step = DTMStep(config.dtm.protect_first, cuda_graph=config.run.cuda_graph, compile=config.run.compile)
-        if config.run.compile:
-            self.engine.compile(backend=config.run.compile)
-        self.state = {"step": 0, "micro": 0, "epoch": 0, "batch": 0, "nonfinite_total": 0}
-        self.nonfinite_run = 0
-        self.stop_requested = False
-        self.watchdog: distributed.Watchdog | None = None
-        self.last_values: dict[str, float] = {}
+        self.max_steps = min(config.run.max_steps or self.total_steps, self.total_steps)
+        self.ds_config, self.state = ds_config, TrainState()
 
-    def _engine(self, ds_config: dict):
-        """DeepSpeed engine around the student with a client AdamW and a per-step warmup + cosine schedule."""
-        import deepspeed
-
+    def build(self) -> None:
         o = self.config.optim
+        self.teacher = build_teacher(self.config.teacher, self.config.model, self.device)
         torch.manual_seed(self.config.run.seed)  # the same initial student whatever the world size
         student = DTMStudent(self.config.model, self.teacher.dim)
-        peak = o.lr * math.sqrt(ds_config["train_batch_size"] / 2048)
-        optimizer = torch.optim.AdamW(param_groups(student, o.weight_decay), lr=peak, betas=o.betas, eps=o.eps)
-        warmup = round(o.warmup_epochs * self.steps_per_epoch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, self.total_steps, warmup, o.min_lr / peak)
+        self.engine, self.optimizer = build_engine(
+            student, param_groups(student, o.weight_decay), self.ds_config, o.betas, o.eps
         )
-        cast_float_buffers(student, engine_dtype(ds_config))
-        engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-        return engine
+        self.dtype = engine_dtype(self.ds_config)
+        self.peak_lr = o.lr * (self.ds_config["train_batch_size"] / 2048) ** 0.5
+        self.warmup = round(o.warmup_epochs * self.steps_per_epoch)
+        self.dtm_step = DTMStep(self.config.dtm.protect_first, self.config.run.cuda_graph, self.config.run.compile)
+        if self.config.run.compile:
+            self.engine.compile(backend=self.config.run.compile)
+        self.flops_per_image = step_flops(self.teacher, self.config.model, self.teacher.dim, self.device)
 
-    def schedule_for(self, micro: int) -> torch.Tensor:
-        """The DTM schedule of a micro-step: a pure function of (seed, micro-step), identical on all ranks,
-        sampled on the training device (no host round trip)."""
-        gen = torch.Generator(device=self.device).manual_seed(self.config.run.seed * 1_000_003 + micro)
+    def lr(self, step: int) -> float:
+        """The peak-group lr of the optimizer step that follows ``step`` applied steps."""
+        o = self.config.optim
+        return self.peak_lr * lr_factor(step, self.total_steps, self.warmup, o.min_lr / self.peak_lr)
+
+    def schedule_for(self, window: int, chunk: int) -> torch.Tensor:
+        """The DTM schedule of micro-batch ``chunk`` of window ``window`` (windows applied or dropped, counted
+        over the run): a pure function of (seed, window, chunk), whatever the number of ranks and
+        micro-steps; sampled on the training device (no host round trip). ``dtm.shared_schedule``: one
+        schedule for the whole global batch."""
+        chunk = 0 if self.config.dtm.shared_schedule else chunk
+        gen = torch.Generator(device=self.device).manual_seed(_seed(self.config.run.seed, window, chunk))
         return sample_schedule(self.config.dtm.n_max, self.config.dtm.k_max, gen)
 
-    def train_step(self, batch: dict[str, torch.Tensor], timed: bool = False) -> dict:
-        """One micro-step: teacher targets, masked student forward, DTM loss, backward and engine step.
-
-        The only host synchronisation is the finiteness flag of the loss (one scalar, all ranks agree);
-        ``timed`` adds synchronised timings of the phases (use it at logging steps only).
-        """
-        dtm, micro = self.config.dtm, self.state["micro"]
-        torch.manual_seed(int(np.random.default_rng([self.config.run.seed, micro, self.rank]).integers(2**62)))
-        clock = Clock(self.device if timed else None)
+    def micro_step(self, batch: dict[str, torch.Tensor], chunk: int, clock: Clock) -> torch.Tensor:
+        """Teacher targets, masked student forward and the DTM level losses [L] of one micro-batch."""
+        window, dtm = self.state.step + self.state.skipped_windows, self.config.dtm
+        torch.manual_seed(_seed(self.config.run.seed, window, chunk))  # drop path: per micro-batch, not per rank
         targets = self.teacher(batch["images"])  # (B, N, D)
         clock("time_teacher")
         pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
         clock("time_student")
-        groups, slots = self.dtm_step(targets, self.schedule_for(micro))  # (L, B, N)
+        groups, slots = self.dtm_step(targets, self.schedule_for(window, chunk))  # (L, B, N)
         levels = self.dtm_step.loss(pred, targets, groups, slots, dtm.loss, dtm.beta)  # (L,)
-        loss = levels.mean()
-        if micro in self.config.run.fault_nan_steps:
-            loss = loss * float("nan")
         clock("time_dtm")
-        if distributed.any_nonfinite(loss):
-            self.state["nonfinite_total"] += 1
-            self.nonfinite_run += 1
-            self.engine.zero_grad()
-            return {"levels": levels.detach(), "skipped": 1.0}
-        self.nonfinite_run = 0
-        self.engine.backward(loss)
-        out = {"levels": levels.detach()}
-        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            out["grad_norm"] = torch.nn.utils.get_total_norm(grads)  # DeepSpeed reports none at stage 0
-        clock("time_student")
-        self.engine.step()
-        clock("time_optimizer")
-        return out | clock.times
+        return levels
+
+    def window(self, batches, timed: bool) -> dict:
+        """One optimizer step over ``accum`` micro-batches from ``batches``; see the module notes."""
+        lrs = set_lr(self.optimizer, self.lr(self.state.step))
+        clock, data_start = Clock(self.device if timed else None), time.perf_counter()
+        level_sum, dropped, stop, local_norm = 0.0, False, False, None
+        for m in range(self.accum):
+            batch = next(batches)
+            clock.add("time_data", time.perf_counter() - data_start)
+            levels = self.micro_step(batch, self.rank * self.accum + m, clock)
+            loss = levels.mean()
+            if faults.nan_loss(self.micro):
+                loss = loss * float("nan")
+            nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
+            dropped, stop = dropped or nonfinite, stop or stop_now
+            self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
+            level_sum = level_sum + levels.detach()
+            last = m == self.accum - 1
+            if last and timed and not dropped and self.engine.zero_optimization_stage() == 0:
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                local_norm = torch.nn.utils.get_total_norm(grads)  # DeepSpeed reports none at stage 0 fp32
+            clock("time_student")
+            self.optimizer.skip_next = last and dropped
+            self.engine.step()
+            self.optimizer.skip_next = False
+            clock("time_optimizer")
+            self.micro += 1
+            data_start = time.perf_counter()
+        out = {"levels": level_sum / self.accum, "lrs": lrs, "dropped": dropped, "stop": stop}
+        return out | {"local_norm": local_norm, "times": clock.times}
 
     def fit(self) -> dict[str, float]:
-        run = self.config.run
-        self._resume()
-        log = RunLog(run.output_dir, self.rank == 0, self.total_steps, self.state["step"])
-        max_steps = min(run.max_steps or self.total_steps, self.total_steps)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: save a checkpoint at the next step and exit
-            signal.signal(sig, self._request_stop)
-        if distributed.world() > 1:
-            self.watchdog = distributed.Watchdog(run.dist_timeout_s, lambda: lost_peer_message(self.config))
-        while self.state["step"] < max_steps and not self.stop_requested:
-            epoch, start = self.state["epoch"], self.state["batch"]
-            data_start = time.perf_counter()
-            for batch in self.loader.epoch(epoch, start):
-                data_time = time.perf_counter() - data_start
-                before = self.state["step"]
-                timed = (self.state["step"] + 1) % run.log_every == 0
-                last = self.train_step(batch, timed) | {"time_data": data_time}
-                if self.watchdog:
-                    self.watchdog.beat()
-                self._advance()
-                if self.nonfinite_run >= run.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{self.nonfinite_run} non-finite losses in a row at step {self.state['step']}; the last "
-                        f"good checkpoint in {checkpoint.checkpoint_dir(run.output_dir)} is intact"
-                    )
-                if self.state["step"] > before:  # an optimizer step happened (not skipped, end of accumulation)
-                    self._after_step(log, last, batch, max_steps)
-                if self.state["step"] >= max_steps or self.stop_requested:
-                    break
-                data_start = time.perf_counter()
-        self._save()
-        if self.watchdog:
-            self.watchdog.close()
+        run, s = self.config.run, self.state
+        self.stop_requested, self.micro, dropped_in_a_row, last = False, 0, 0, {}
+        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: agree on a step, save there and exit
+            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
+        log = RunLog(run.output_dir, self.rank == 0, self.max_steps, s.step, "pretrain")
+        watchdog = None
+        if self.world > 1:
+            watchdog = distributed.Watchdog(run.dist_timeout_s, lambda: lost_peer_message(self.config))
+        saved, stop = s.step, False
+        while s.step < self.max_steps and not stop:
+            batches = self.loader.epoch(s.epoch, s.epoch_step * self.accum)
+            while s.epoch_step < self.steps_per_epoch and s.step < self.max_steps and not stop:
+                timed = (s.step + 1) % run.log_every == 0 or s.step + 1 == self.max_steps
+                out = self.window(batches, timed)
+                if watchdog:
+                    watchdog.beat()
+                s.epoch_step, stop = s.epoch_step + 1, out["stop"]
+                if out["dropped"]:
+                    s.skipped_windows, dropped_in_a_row = s.skipped_windows + 1, dropped_in_a_row + 1
+                    if dropped_in_a_row >= run.max_nonfinite:
+                        raise FloatingPointError(
+                            f"{dropped_in_a_row} non-finite losses in a row at step {s.step + 1}; the last good "
+                            f"checkpoint in {checkpoint.checkpoint_dir(run.output_dir)} is intact"
+                        )
+                    continue
+                s.step, dropped_in_a_row = s.step + 1, 0
+                if timed:
+                    last = self.log_values(out)
+                    tokens = self.config.model.grid**2
+                    log.step(s.step, last, self.engine.train_batch_size(), self.flops_per_image, tokens, self.world)
+                if run.vis_every and s.step % run.vis_every == 0 and self.rank == 0:
+                    self.log_picture(log, s.step)
+                if s.step % run.save_every == 0 and s.step < self.max_steps and not stop:
+                    saved = self.save(watchdog)
+            if s.epoch_step == self.steps_per_epoch:
+                s.epoch, s.epoch_step = s.epoch + 1, 0
+        if s.step > saved:
+            self.save(watchdog)
+        if watchdog:
+            watchdog.close()
         log.close()
-        return self.last_values
+        if stop and self.rank == 0:
+            print(f"stopped by a signal at step {s.step} (all ranks); a re-run resumes there", flush=True)
+        return last
 
-    def _advance(self) -> None:
+    def log_values(self, out: dict) -> dict:
+        """The values of a logging step: window and rank means of the losses, the lrs that acted, the
+        gradient norms, the loss scale, per-rank peak memory (one gather; logging steps only)."""
+        n = len(out["levels"])
+        rows = distributed.gather_rows(torch.cat([out["levels"].double().cpu(), _memory_gib()]))  # (world, n + m)
+        levels = rows[:, :n].mean(0)
+        values = {"loss": levels.mean().item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
+        wds = [g["weight_decay"] for g in self.optimizer.param_groups]
+        values |= {"lr": max(out["lrs"]), "lr_groups": out["lrs"], "weight_decay_groups": wds}
+        values |= grad_norms(self.engine, out["local_norm"]) | out["times"]
+        memory = {name: rows[:, n + i].tolist() for i, name in enumerate(_MEMORY)}
+        if self.engine.fp16_enabled():
+            values["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        return values | {"epoch": self.state.epoch, "skipped_windows": self.state.skipped_windows} | memory
+
+    def log_picture(self, log: RunLog, step: int) -> None:
+        from dtm_ds.visualize import morph_figure
+
+        batch = next(self.loader.epoch(self.state.epoch, 0))
+        log.image(step, morph_figure(batch["images"][:4], self.teacher, self.config, self.schedule_for(0, 0)))
+
+    def save(self, watchdog) -> int:
         s = self.state
-        s["micro"] += 1
-        s["batch"] += 1
-        if s["batch"] == self.loader.batches_per_epoch:
-            s["epoch"], s["batch"] = s["epoch"] + 1, 0
-        s["step"] = self.engine.global_steps
+        faults.arm_checkpoint_kill(self.engine, s.step)
+        if watchdog:  # a long write is not a hang; the backend's own timeout covers its collectives
+            watchdog.pause()
+        client = {"train_state": asdict(s), "world": self.world, "accum": self.accum}
+        checkpoint.save(self.engine, self.config.run.output_dir, s.step, client, self.config.run.keep_last)
+        if watchdog:
+            watchdog.beat()
+        return s.step
 
-    def _after_step(self, log, out: dict, batch, max_steps: int) -> None:
-        run, step = self.config.run, self.state["step"]
-        if step % run.log_every == 0 or step == max_steps:
-            levels = distributed.mean_tensor(out.pop("levels"))  # (L,) averaged over ranks
-            values = {"loss": levels.mean().item(), **{f"loss_level{i}": v for i, v in enumerate(levels.tolist())}}
-            values |= {k: float(v) for k, v in out.items()}
-            values |= {
-                "lr": self.engine.get_lr()[0],
-                "epoch": self.state["epoch"],
-                "nonfinite_total": self.state["nonfinite_total"],
-            }
-            norm = self.engine.get_global_grad_norm()
-            if norm is not None and "grad_norm" not in values:
-                values["grad_norm"] = float(norm)
-            scale = getattr(self.engine.optimizer, "cur_scale", None)  # fp16 dynamic loss scaling
-            if scale is not None:
-                values["loss_scale"] = float(scale)
-            log.step(step, values, self.engine.train_batch_size())
-            self.last_values = values
-        if run.vis_every and step % run.vis_every == 0 and self.rank == 0:
-            from dtm_ds.visualize import morph_figure
-
-            log.image(step, morph_figure(batch["images"][:4], self.teacher, self.config, self.schedule_for(0)))
-        if step % run.save_every == 0 and step < max_steps:
-            self._save()
-
-    def _save(self) -> None:
-        if self.state["step"] == 0:
-            return
-        state = self.state | {"config": self.config.to_dict()}
-        if self.config.run.fault_kill_in_save == self.state["step"]:
-            cut_next_checkpoint_write(self.engine)
-        if self.watchdog:  # a long write is not a hang; the backend's own timeout covers its collectives
-            self.watchdog.pause()
-        checkpoint.save(self.engine, self.config.run.output_dir, self.state["step"], state, self.config.run.keep_last)
-        if self.watchdog:
-            self.watchdog.beat()
-
-    def _resume(self) -> None:
-        tag = checkpoint.latest_tag(self.config.run.output_dir, prefix="step")
-        if tag is None:
-            return
-        _, client = self.engine.load_checkpoint(str(checkpoint.checkpoint_dir(self.config.run.output_dir)), tag)
-        self.state = {k: client[k] for k in self.state}
+    def resume(self, tag: str) -> None:
+        folder = checkpoint.checkpoint_dir(self.config.run.output_dir)
+        _, client = self.engine.load_checkpoint(str(folder), tag, load_lr_scheduler_states=False)
+        if client is None:
+            raise checkpoint.CheckpointError(f"DeepSpeed could not load {folder / tag}")
+        self.state, plain = TrainState(**client["train_state"]), tag.removeprefix(checkpoint.UNIVERSAL)
+        if tag.startswith(checkpoint.UNIVERSAL):  # converted for this resume only
+            distributed.on_rank0(lambda: shutil.rmtree(folder / tag, ignore_errors=True))
         if self.rank == 0:
-            print(
-                f"resumed from {tag}: step {self.state['step']}, epoch {self.state['epoch']} batch "
-                f"{self.state['batch']}",
-                flush=True,
-            )
+            s = self.state
+            how = f" (through DeepSpeed's universal format, now on {self.world} ranks)" if tag != plain else ""
+            print(f"resumed from {plain}: step {s.step}, epoch {s.epoch} window {s.epoch_step}{how}", flush=True)
 
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
+
+def _seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence mixes them; no collisions between nearby keys)."""
+    return int(np.random.SeedSequence(keys).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+_MEMORY = ("peak_device_mem_gib_per_rank", "peak_rss_gib_per_rank")
+
+
+def _memory_gib() -> torch.Tensor:
+    """[peak device memory, peak resident memory] of this process in GiB (device: 0 on CPU)."""
+    import resource
+
+    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return torch.tensor([device, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
 
 
 def lost_peer_message(config: Config) -> str:
@@ -266,54 +263,6 @@ def _lost_peer(config: Config, error: Exception) -> None:
     sys.exit(f"{lost_peer_message(config)} ({type(error).__name__}: {first_line})")
 
 
-def cut_next_checkpoint_write(engine) -> None:
-    """Fault injection: the engine's next checkpoint file gets half its bytes, then the process is killed."""
-
-    def write_half_and_die(state_dict, path: str) -> None:
-        buffer = io.BytesIO()
-        torch.save(state_dict, buffer)
-        with open(path, "wb") as f:
-            f.write(buffer.getvalue()[: buffer.tell() // 2])
-            f.flush()
-            os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    engine.checkpoint_engine.save = write_half_and_die
-
-
-def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    """DeepSpeed's bf16/fp16 modes cast parameters only; float buffers (timm BEiT's zero ``k_bias``) must
-    follow, or attention mixes dtypes."""
-    for buffer in module.buffers():
-        if buffer.is_floating_point():
-            buffer.data = buffer.data.to(dtype)
-
-
-def engine_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype DeepSpeed keeps the student in, for casting its inputs."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-class Clock:
-    """Accumulates wall time per phase; synchronises the device first when given one (else no-op)."""
-
-    def __init__(self, device: torch.device | None):
-        self.device, self.times, self.last = device, {}, time.perf_counter()
-
-    def __call__(self, phase: str) -> None:
-        if self.device is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.times[phase] = self.times.get(phase, 0.0) + now - self.last
-        self.last = now
-
-
 def _loader_spec(config: Config, ds_config: dict, rank: int, world: int) -> LoaderSpec:
     d, m = config.data, config.model
     return LoaderSpec(
@@ -328,6 +277,7 @@ def _loader_spec(config: Config, ds_config: dict, rank: int, world: int) -> Load
         seed=config.run.seed,
         rank=rank,
         world=world,
+        accum=ds_config["gradient_accumulation_steps"],
         workers=d.workers,
         backend=d.backend,
     )
@@ -350,10 +300,28 @@ def main(
     config = build_config(model, overrides)
     device = distributed.init(local_rank, config.run.dist_timeout_s)
     engine_cfg = engine_config(ds_config, distributed.world(), config.optim.batch_size)
-    Path(config.run.output_dir).mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0:
-        save_config(config, Path(config.run.output_dir) / "config.json")
     trainer = Trainer(config, engine_cfg, device)
+    tag = checkpoint.latest_tag(config.run.output_dir, prefix="step")
+    check_and_record(config, engine_cfg, distributed.world(), rank0=distributed.rank() == 0)
+    done = checkpoint.checkpoint_step(config.run.output_dir, tag) if tag else 0
+    if done >= trainer.max_steps:
+        if distributed.rank() == 0:
+            print(
+                f"nothing to do: the run is done at step {done} of {trainer.max_steps}; its last checkpoint is "
+                f"{checkpoint.checkpoint_dir(config.run.output_dir) / tag}",
+                flush=True,
+            )
+            print(json.dumps({"done": True, "step": done, "loss": None}), flush=True)
+        return
+    if tag and checkpoint.zero_ranks(config.run.output_dir, tag) not in (0, distributed.world()):
+        # a ZeRO checkpoint of another number of ranks: its optimizer state is partitioned per rank, so it
+        # goes through DeepSpeed's universal format (stage 0 keeps it whole and loads on any world)
+        engine_cfg["checkpoint"] = engine_cfg.get("checkpoint", {}) | {"load_universal": True}
+        trainer.ds_config = engine_cfg
+        tag = distributed.on_rank0(lambda: checkpoint.to_universal(config.run.output_dir, tag))
+    trainer.build()
+    if tag:
+        trainer.resume(tag)
     try:
         last = trainer.fit()
     except torch.distributed.DistError as e:  # a peer died or hung (RuntimeError on some backends)
@@ -363,7 +331,7 @@ def main(
             raise
         _lost_peer(config, e)
     if distributed.rank() == 0:
-        print(json.dumps({"done": True, "step": trainer.state["step"], "loss": last.get("loss")}), flush=True)
+        print(json.dumps({"done": True, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -132,7 +132,15 @@ def test_two_rank_split_is_disjoint_and_complete():
     a, b = epoch_order(20, spec0, 1), epoch_order(20, spec1, 1)
     assert len(a) == len(b) == 10 and set(a).isdisjoint(b) and set(a) | set(b) == set(range(20))
     assert not np.array_equal(a, epoch_order(20, spec0, 2))
-    assert len(epoch_order(23, spec0, 0)) == 10  # drop_last: 11 per rank -> 2 full batches
+    assert len(epoch_order(23, spec0, 0)) == 10  # drop_last: 2 full global batches of 10
+
+
+def test_chunks_do_not_depend_on_how_the_global_batch_is_split():
+    """2 ranks x accumulation 1 run the same micro-batches as 1 rank x accumulation 2 (elastic resume)."""
+    two = [epoch_order(41, LoaderSpec(path="x", batch_size=4, rank=r, world=2, seed=3), 0) for r in (0, 1)]
+    one = epoch_order(41, LoaderSpec(path="x", batch_size=4, world=1, accum=2, seed=3), 0)
+    by_step = np.stack([t.reshape(5, 4) for t in two], 1).reshape(-1)  # step-major: rank 0's chunk, rank 1's
+    assert len(one) == 40 and np.array_equal(by_step, one)
 
 
 def test_torchvision_backend_matches_shapes(tmp_path):
@@ -153,7 +161,7 @@ def test_loader_errors(tmp_path, small_beton):
     corrupt.write_bytes(small_beton.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt.beton is not a readable FFCV .beton"):
         PretrainLoader(_spec(corrupt))
-    with pytest.raises(ValueError, match="batch_size 64 per rank is larger than the 12 samples"):
+    with pytest.raises(ValueError, match=r"global batch \(64 per rank x accumulation 1 x 2 ranks\) is larger than the 24 samples"):
         PretrainLoader(_spec(small_beton, batch_size=64, world=2, rank=1))
     with pytest.raises(ValueError, match="image_size 30 is not divisible by patch_size 8"):
         _spec(small_beton, image_size=30)

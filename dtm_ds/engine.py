@@ -1,0 +1,127 @@
+"""The DeepSpeed engine, built one way for pretraining and fine-tuning.
+
+* ``engine_config`` reads the DeepSpeed JSON and checks the batch sizes it implies;
+* ``build_engine`` wraps a model with a client AdamW (``WindowAdamW``) and no DeepSpeed scheduler:
+  the caller sets every group's lr for the step about to run (``set_lr``), so the lr that is logged is
+  the lr that acted, and a skipped window leaves the schedule where it was;
+* ``WindowAdamW.skip_next`` turns the next optimizer step into a no-op. DeepSpeed still runs its
+  boundary (reductions, clipping, clearing the accumulated gradients) at every ZeRO stage and
+  precision, so a window whose loss was non-finite is dropped whole and the next one starts clean.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def engine_config(path: str, world: int, batch_size: int | None, batch_name: str = "optim.batch_size") -> dict:
+    """The DeepSpeed JSON with ``train_batch_size`` checked against micro batch x accumulation x world."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err})") from err
+    micro, accum = cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1)
+    if not isinstance(micro, int) or micro < 1:
+        raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")
+    if not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"{path}: gradient_accumulation_steps must be a positive integer, got {accum!r}")
+    if "scheduler" in cfg:
+        raise ValueError(f"{path}: remove the 'scheduler' block; the lr schedule comes from the run's config")
+    derived = micro * accum * world
+    for name, value in (("train_batch_size in " + path, cfg.get("train_batch_size")), (batch_name, batch_size)):
+        if value is not None and value != derived:
+            raise ValueError(
+                f"{name} = {value} but micro batch {micro} x accumulation {accum} x world {world} = "
+                f"{derived}; make them agree"
+            )
+    return cfg | {"train_batch_size": derived, "gradient_accumulation_steps": accum}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms (all 1-D tensors), tokens and relative-position tables."""
+    skip = model.no_weight_decay()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table")
+            (no_decay if plain else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine from 1 to ``min_ratio`` at ``total`` (a multiplier of the peak lr).
+    ``step`` counts optimizer steps done before the one this factor is for (0 for the first)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WindowAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` can be skipped (a dropped accumulation window). ``overflow`` tells
+    DeepSpeed's stage-0 path that the step did not happen (it then counts a skipped step)."""
+
+    skip_next = False
+
+    @property
+    def overflow(self) -> bool:
+        return self.skip_next
+
+    def step(self, closure=None):
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> list[float]:
+    """Set every group's lr to ``lr`` x its ``lr_scale`` (layer decay; 1 when absent); returns them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return [group["lr"] for group in optimizer.param_groups]
+
+
+def build_engine(model: torch.nn.Module, groups: list[dict], ds_config: dict, betas=(0.9, 0.999), eps=1e-8):
+    """``(engine, optimizer)``: DeepSpeed around ``model`` with a ``WindowAdamW`` over ``groups``."""
+    import deepspeed
+
+    optimizer = WindowAdamW(groups, lr=0.0, betas=tuple(betas), eps=eps)
+    cast_float_buffers(model, engine_dtype(ds_config))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 modes cast parameters only; float buffers (timm BEiT's zero ``k_bias``) must
+    follow, or attention mixes dtypes."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(dtype)
+
+
+def engine_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed keeps the model in, for casting its inputs."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def grad_norms(engine, local_norm: torch.Tensor | None) -> dict[str, float]:
+    """The global gradient norm of the step just taken, before and after DeepSpeed's clipping.
+
+    DeepSpeed reports the pre-clip norm for ZeRO and bf16/fp16; at stage 0 in fp32 it reports none, so
+    the caller passes the norm it computed before ``step()`` (``local_norm``)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None and local_norm is not None:
+        norm = local_norm.item()
+    if norm is None:
+        return {}
+    norm = float(norm)
+    clip = engine.gradient_clipping()
+    clipped = norm * min(1.0, clip / (norm + 1e-6)) if clip > 0 else norm  # torch's clip_grad_norm_ rule
+    return {"grad_norm": norm, "grad_norm_clipped": clipped}

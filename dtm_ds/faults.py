@@ -1,0 +1,51 @@
+"""Fault injection for the test suite, driven by the ``DTM_FAULTS`` environment variable (JSON).
+
+Nothing here is in the user's config; with the variable unset every function is a cheap no-op.
+
+    DTM_FAULTS='{"nan_micro": [2, 3]}'                 # micro-steps (0-based, this rank) whose loss is NaN
+    DTM_FAULTS='{"kill_in_save": 8}'                   # SIGKILL halfway through writing checkpoint 8's first file
+    DTM_FAULTS='{"kill_in_save": 8, "fraction": 0.2}'  # ... after 20% of its bytes
+    DTM_FAULTS='{"kill_in_save": 8, "file": 1}'        # ... of its second file
+"""
+
+import io
+import json
+import os
+import signal
+from functools import cache
+
+import torch
+
+
+@cache
+def _faults() -> dict:
+    return json.loads(os.environ.get("DTM_FAULTS") or "{}")
+
+
+def nan_loss(micro: int) -> bool:
+    """True when the test asked for a NaN loss at this micro-step."""
+    return micro in _faults().get("nan_micro", ())
+
+
+def arm_checkpoint_kill(engine, index: int) -> None:
+    """Before the save of checkpoint ``index`` (a step or an epoch): when asked, the engine's n-th file of
+    that save gets a fraction of its bytes, then this process is killed."""
+    faults = _faults()
+    if faults.get("kill_in_save") != index:
+        return
+    fraction, target, written = faults.get("fraction", 0.5), faults.get("file", 0), []
+    save = engine.checkpoint_engine.save
+
+    def cut(state_dict, path: str) -> None:
+        if len(written) < target:
+            written.append(path)
+            return save(state_dict, path)
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue()[: int(buffer.tell() * fraction)])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.checkpoint_engine.save = cut

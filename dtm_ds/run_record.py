@@ -1,0 +1,109 @@
+"""What a run folder promises: its config (``config.json``) and its engine layout (``engine.json``).
+
+A re-run in the same folder continues the same run, so both are checked before anything is written:
+any field that would change the result must be equal. ``MAY_CHANGE`` lists what may differ between
+runs (length, logging and checkpoint cadence, timeouts, workers, where the data and weights live).
+The number of ranks and the accumulation may change when the global batch and the micro batch stay
+the same (elastic resume: the same micro-batches in the same order, see dtm_ds/data.py).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from dtm_ds.config import Config
+from dtm_ds.engine import engine_dtype
+
+MAY_CHANGE = frozenset(
+    {
+        "run.output_dir",
+        "run.max_steps",
+        "run.save_every",
+        "run.keep_last",
+        "run.log_every",
+        "run.vis_every",
+        "run.max_nonfinite",
+        "run.dist_timeout_s",
+        "run.cuda_graph",
+        "run.compile",
+        "data.path",
+        "data.workers",
+        "teacher.weights",
+        "model.grad_checkpointing",
+    }
+)
+"""Config fields that may differ from the run folder's ``config.json`` on a re-run."""
+
+
+def engine_layout(ds_config: dict, world: int) -> dict:
+    """The engine facts a resume depends on."""
+    return {
+        "train_batch_size": ds_config["train_batch_size"],
+        "train_micro_batch_size_per_gpu": ds_config["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "world": world,
+        "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+        "dtype": str(engine_dtype(ds_config)).removeprefix("torch."),
+        "gradient_clipping": ds_config.get("gradient_clipping", 0.0),
+    }
+
+
+ENGINE_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_stage", "dtype", "gradient_clipping")
+
+
+def check_and_record(config: Config, ds_config: dict, world: int, rank0: bool = True) -> dict | None:
+    """Raise ``ValueError`` naming every field that differs from the folder's records; then (rank 0)
+    write the records. Returns the previous engine layout (None for a new folder)."""
+    folder = Path(config.run.output_dir)
+    layout = engine_layout(ds_config, world)
+    previous = _read(folder / "engine.json")
+    differences = _config_differences(_read(folder / "config.json"), config.to_dict())
+    if previous is not None:
+        differences += [
+            f"{key}: {previous.get(key)!r} -> {layout[key]!r} (DeepSpeed config)"
+            for key in ENGINE_MUST_MATCH
+            if key in previous and previous[key] != layout[key]
+        ]
+    if differences:
+        raise ValueError(
+            f"{folder} holds a run with other settings; a re-run must continue it unchanged:\n  "
+            + "\n  ".join(differences)
+            + f"\nFields that may change: {', '.join(sorted(MAY_CHANGE))}. To start afresh, use a new --output_dir."
+        )
+    if rank0:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder / "config.json", config.to_dict())
+        _write(folder / "engine.json", layout)
+    return previous
+
+
+def _config_differences(old: dict | None, new: dict) -> list[str]:
+    if old is None:
+        return []
+    out = []
+    for section, fields in new.items():
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            before = old.get(section, {}).get(name, value)  # a field this run's version did not record
+            if key not in MAY_CHANGE and _plain(before) != _plain(value):
+                out.append(f"{key}: {before!r} -> {value!r}")
+    return out
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # tuples and lists compare equal, as they do in config.json
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it or use a new --output_dir") from err
+
+
+def _write(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
