@@ -26,14 +26,14 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_prep.datasets import open_listing
 from data_prep.sources import select
-from dtm_ds import checkpoint, distributed
+from dtm_ds import checkpoint, distributed, faults
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, set_lr
 from dtm_ds.logs import RunLog
-from dtm_ds.train import cast_float_buffers, cut_next_checkpoint_write, engine_config, engine_dtype, lr_factor
 from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
 from eval.recipes import RECIPES, Recipe
 
@@ -62,8 +62,6 @@ class Job:
     max_epochs: int | None = None
     """Stop after this many epochs (the schedule still spans recipe.epochs); a re-run continues."""
     log_every: int = 10
-    fault_kill_in_save: int = 0
-    """Fault injection for tests: SIGKILL halfway through writing the checkpoint of this epoch (0: never)."""
 
 
 class FineTuner:
@@ -78,9 +76,8 @@ class FineTuner:
         torch.manual_seed(job.seed)
         model = build_classifier(encoder_config(job.encoder), self.classes, recipe.drop_path, recipe.img_size)
         self.report = None if job.random_init else load_pretrained(model, job.encoder)
-        self.micro = ds_config["train_micro_batch_size_per_gpu"]
-        accum = ds_config.get("gradient_accumulation_steps", 1)
-        self.steps_per_epoch = len(self.train_set) // (self.micro * distributed.world()) // accum
+        self.micro, self.accum = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+        self.steps_per_epoch = len(self.train_set) // (self.micro * distributed.world()) // self.accum
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"global batch {ds_config['train_batch_size']} exceeds the {len(self.train_set)} training images"
@@ -98,25 +95,24 @@ class FineTuner:
             else None
         )
         self.criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(recipe.smoothing)
-        self.state = {"epoch": 0, "best_top1": 0.0}
+        self.state = {"epoch": 0, "epoch_step": 0, "skipped": 0, "best_top1": 0.0, "epoch_loss": [0.0, 0.0]}
         self.stop_requested = False
 
     def _engine(self, model, ds_config: dict):
-        import deepspeed
-
         r = self.recipe
-        peak = r.lr * ds_config["train_batch_size"] / 256
+        self.peak = r.lr * ds_config["train_batch_size"] / 256
         groups = param_groups_layer_decay(model, r.weight_decay, model.no_weight_decay(), layer_decay=r.layer_decay)
-        for group in groups:  # LambdaLR scales each group's initial lr, so the layer scale goes in here
-            group["lr"] = peak * group.pop("lr_scale", 1.0)
-        optimizer = torch.optim.AdamW(groups, lr=peak)
-        total, warmup = r.epochs * self.steps_per_epoch, round(r.warmup_epochs * self.steps_per_epoch)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, r.min_lr / peak))
-        cast_float_buffers(model, engine_dtype(ds_config))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-        return engine
+        self.total, self.warmup = r.epochs * self.steps_per_epoch, round(r.warmup_epochs * self.steps_per_epoch)
+        self.engine, self.optimizer = build_engine(model, groups, ds_config)
+        self.dtype = engine_dtype(ds_config)
+        return self.engine
 
-    def loader(self, train: bool, epoch: int) -> DataLoader:
+    def lr(self, step: int) -> float:
+        """The peak (head) lr of the optimizer step after ``step`` applied steps."""
+        return self.peak * lr_factor(step, self.total, self.warmup, self.recipe.min_lr / self.peak)
+
+    def loader(self, train: bool, epoch: int, start: int = 0) -> DataLoader:
+        """Training: epoch ``epoch`` from micro-batch ``start``; evaluation: this rank's share."""
         r = self.recipe
         transform = create_transform(
             r.img_size,
@@ -130,77 +126,90 @@ class FineTuner:
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
         )
-        dataset = ListingImages(self.train_set if train else self.eval_set, transform)
-        sampler = DistributedSampler(
-            dataset, distributed.world(), distributed.rank(), shuffle=train, seed=self.seed, drop_last=train
-        )
-        sampler.set_epoch(epoch)
-        gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)  # worker seeds: a function of the epoch
-        return DataLoader(
-            dataset,
-            batch_size=self.micro,
-            sampler=sampler,
-            num_workers=self.job.workers,
-            drop_last=train,
-            generator=gen,
-            persistent_workers=False,
-        )
+        dataset = SeededImages(ListingImages(self.train_set if train else self.eval_set, transform), self.seed, epoch)
+        if train:  # this rank's micro-batches of the epoch's windows; the leftover (< one window) is dropped
+            sampler = DistributedSampler(dataset, distributed.world(), distributed.rank(), True, self.seed, True)
+            sampler.set_epoch(epoch)
+            order = list(sampler)[start * self.micro : self.steps_per_epoch * self.accum * self.micro]
+        else:  # every image exactly once over the ranks (no padding, unlike DistributedSampler)
+            order = list(range(distributed.rank(), len(dataset), distributed.world()))
+        return DataLoader(dataset, batch_size=self.micro, sampler=order, num_workers=self.job.workers)
 
-    def train_epoch(self, epoch: int, log: RunLog) -> float:
-        """One epoch; returns its mean training loss (over ranks)."""
-        for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path: per epoch
-            seeder(self.seed * 1000 + epoch + distributed.rank())
+    def train_epoch(self, log: RunLog) -> bool:
+        """The rest of the current epoch, window by window; False when a stop signal ended it early (all
+        ranks agree on the window through the per-micro-step all-reduce; the run saves there)."""
+        s, rank = self.state, distributed.rank()
         self.engine.train()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for images, labels in self.loader(True, epoch):
-            images, labels = images.to(self.device), labels.to(self.device)
-            if self.mixup:
-                images, labels = self.mixup(images, labels)
-            loss = self.criterion(self.engine(images.to(_dtype(self.engine))).float(), labels)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=self.device)])
-            step = self.engine.global_steps
-            if self.engine.is_gradient_accumulation_boundary() and step % self.job.log_every == 0:
-                values = {"loss": distributed.mean_tensor(loss).item(), "lr": self.engine.get_lr()[0], "epoch": epoch}
-                log.step(step, values, self.engine.train_batch_size())
-            if self.stop_requested:
-                break
-        total = distributed.mean_tensor(total)
-        return (total[0] / total[1]).item()
+        batches = iter(self.loader(True, s["epoch"], s["epoch_step"] * self.accum))
+        while s["epoch_step"] < self.steps_per_epoch:
+            lrs = set_lr(self.optimizer, self.lr(self.engine.global_steps - s["skipped"]))
+            level_sum, dropped, stop = 0.0, False, False
+            for m in range(self.accum):
+                images, labels = next(batches)
+                for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path
+                    seeder(_seed(self.seed, s["epoch"], s["epoch_step"], rank * self.accum + m))
+                images, labels = images.to(self.device), labels.to(self.device)
+                if self.mixup:
+                    images, labels = self.mixup(images, labels)
+                loss = self.criterion(self.engine(images.to(self.dtype)).float(), labels)
+                if faults.nan_loss(self.micro):
+                    loss = loss * float("nan")
+                nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
+                dropped, stop = dropped or nonfinite, stop or stop_now
+                self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
+                self.optimizer.skip_next = dropped and m == self.accum - 1
+                self.engine.step()
+                self.optimizer.skip_next, self.micro = False, self.micro + 1
+                level_sum = level_sum + loss.detach()
+            s["epoch_step"] += 1
+            s["skipped"] += int(dropped)
+            if not dropped:  # on the device: no host sync
+                self.epoch_loss += torch.stack([level_sum.double() / self.accum, torch.ones_like(self.epoch_loss[0])])
+            step = self.engine.global_steps - s["skipped"]
+            if not dropped and step % self.job.log_every == 0:
+                loss = distributed.mean_tensor(level_sum / self.accum).item()
+                log.step(step, {"loss": loss, "lr": max(lrs), "lr_groups": lrs, "epoch": s["epoch"]},
+                         self.engine.train_batch_size(), world=distributed.world())  # fmt: skip
+            if stop:
+                return False
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
         counts = torch.zeros(3, dtype=torch.float64)
         for images, labels in self.loader(False, 0):
-            logits = self.engine(images.to(self.device).to(_dtype(self.engine))).float().cpu()
+            logits = self.engine(images.to(self.device).to(self.dtype)).float().cpu()
             counts += torch.tensor([*accuracy(logits, labels), len(labels)], dtype=torch.float64)
-        counts = distributed.mean_tensor(counts) * distributed.world()
+        counts = distributed.mean_tensor(counts) * distributed.world()  # sums: each image counted once
         return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
 
     def fit(self) -> dict[str, float]:
         tag = checkpoint.latest_tag(self.output_dir, prefix="epoch")
         if tag is not None:
-            _, client = self.engine.load_checkpoint(str(checkpoint.checkpoint_dir(self.output_dir)), tag)
+            _, client = self.engine.load_checkpoint(
+                str(checkpoint.checkpoint_dir(self.output_dir)), tag, load_lr_scheduler_states=False
+            )
             self.state = {k: client[k] for k in self.state}
-        log = RunLog(
-            self.output_dir,
-            distributed.rank() == 0,
-            self.recipe.epochs * self.steps_per_epoch,
-            self.engine.global_steps,
-        )
-        result = {}
+        self.epoch_loss = torch.tensor(self.state["epoch_loss"], dtype=torch.float64, device=self.device)
+        self.micro, self.stop_requested = 0, False
         last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
-        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: stop after the current step
+        total = last * self.steps_per_epoch
+        log = RunLog(self.output_dir, distributed.rank() == 0, total, self.applied_steps(), "finetune")
+        result = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: agree on a window, save there and exit
             signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
-        for epoch in range(self.state["epoch"], last):
-            train_loss = self.train_epoch(epoch, log)
-            if self.stop_requested:  # checkpoints are per epoch: a re-run repeats this one exactly
+        while self.state["epoch"] < last:
+            epoch = self.state["epoch"]
+            if not self.train_epoch(log):
+                self.save(f"epoch{epoch:08d}-step{self.state['epoch_step']:08d}")
                 if distributed.rank() == 0:
-                    print(f"stopped by a signal in epoch {epoch}; a re-run resumes from epoch {epoch}", flush=True)
+                    print(f"stopped by a signal in epoch {epoch} after window {self.state['epoch_step']} "
+                          "(all ranks); a re-run resumes there", flush=True)  # fmt: skip
                 break
-            result = self.evaluate() | {"epoch": epoch, "step": self.engine.global_steps, "train_loss": train_loss}
+            train = distributed.mean_tensor(self.epoch_loss)
+            step = self.applied_steps()
+            result = self.evaluate() | {"epoch": epoch, "step": step, "train_loss": (train[0] / train[1]).item()}
             best = result["top1"] > self.state["best_top1"]
             self.state["best_top1"] = max(result["top1"], self.state["best_top1"])
             if distributed.rank() == 0:  # before the checkpoint: a kill in between repeats this row, never loses it
@@ -208,20 +217,43 @@ class FineTuner:
                     f.write(json.dumps(result | {"best_top1": self.state["best_top1"]}) + "\n")
                 for key in ("top1", "top5"):
                     log.writer.add_scalar(f"eval/{key}", result[key], epoch)
-            self.state["epoch"] = epoch + 1
+            self.state |= {"epoch": epoch + 1, "epoch_step": 0}
+            self.epoch_loss.zero_()
             if best:
-                checkpoint.save(self.engine, self.output_dir, epoch + 1, dict(self.state), 1, tag="best")
-            if self.job.fault_kill_in_save == epoch + 1:
-                cut_next_checkpoint_write(self.engine)
-            checkpoint.save(
-                self.engine, self.output_dir, epoch + 1, dict(self.state), self.job.keep_last, prefix="epoch"
-            )
+                self.save("best", keep_last=1)
+            self.save(f"epoch{epoch + 1:08d}")
         log.close()
         return result | {"best_top1": self.state["best_top1"]}
 
+    def applied_steps(self) -> int:
+        return self.engine.global_steps - self.state["skipped"]
 
-def _dtype(engine) -> torch.dtype:
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.half if engine.fp16_enabled() else torch.float32
+    def save(self, tag: str, keep_last: int | None = None) -> None:
+        faults.arm_checkpoint_kill(self.engine, tag)
+        state = dict(self.state) | {"epoch_loss": self.epoch_loss.tolist()}
+        keep = keep_last or self.job.keep_last
+        checkpoint.save(self.engine, self.output_dir, self.applied_steps(), state, keep, prefix="epoch", tag=tag)
+
+
+class SeededImages(Dataset):
+    """A dataset whose item ``i`` is drawn with Python, NumPy and torch seeded from (seed, epoch, i): the
+    augmentation of a sample does not depend on the worker or the batch it lands in, so a run resumed
+    in the middle of an epoch draws exactly what it would have drawn."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        for seeder in (random.seed, np.random.seed, torch.manual_seed):
+            seeder(_seed(self.seed, self.epoch, i))
+        return self.dataset[i]
+
+
+def _seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
 def main(

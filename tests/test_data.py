@@ -161,7 +161,9 @@ def test_loader_errors(tmp_path, small_beton):
     corrupt.write_bytes(small_beton.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt.beton is not a readable FFCV .beton"):
         PretrainLoader(_spec(corrupt))
-    with pytest.raises(ValueError, match=r"global batch \(64 per rank x accumulation 1 x 2 ranks\) is larger than the 24 samples"):
+    with pytest.raises(
+        ValueError, match=r"global batch \(64 per rank x accumulation 1 x 2 ranks\) is larger than the 24 samples"
+    ):
         PretrainLoader(_spec(small_beton, batch_size=64, world=2, rank=1))
     with pytest.raises(ValueError, match="image_size 30 is not divisible by patch_size 8"):
         _spec(small_beton, image_size=30)
