@@ -152,14 +152,14 @@ class FineTuner:
                 if self.mixup:
                     images, labels = self.mixup(images, labels)
                 loss = self.criterion(self.engine(images.to(self.dtype)).float(), labels)
-                if faults.nan_loss(self.micro):
+                if faults.nan_loss(self.micro_steps):
                     loss = loss * float("nan")
                 nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
                 dropped, stop = dropped or nonfinite, stop or stop_now
                 self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
                 self.optimizer.skip_next = dropped and m == self.accum - 1
                 self.engine.step()
-                self.optimizer.skip_next, self.micro = False, self.micro + 1
+                self.optimizer.skip_next, self.micro_steps = False, self.micro_steps + 1
                 level_sum = level_sum + loss.detach()
             s["epoch_step"] += 1
             s["skipped"] += int(dropped)
@@ -192,7 +192,7 @@ class FineTuner:
             )
             self.state = {k: client[k] for k in self.state}
         self.epoch_loss = torch.tensor(self.state["epoch_loss"], dtype=torch.float64, device=self.device)
-        self.micro, self.stop_requested = 0, False
+        self.micro_steps, self.stop_requested = 0, False
         last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
         total = last * self.steps_per_epoch
         log = RunLog(self.output_dir, distributed.rank() == 0, total, self.applied_steps(), "finetune")

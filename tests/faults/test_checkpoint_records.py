@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dtm_ds.checkpoint import COMPLETE, is_complete, latest_tag
+from dtm_ds.checkpoint import COMPLETE, STAGING, _publish, is_complete, latest_tag
 
 
 def _tag(root, name, files: dict[str, bytes], record: dict | None = "auto"):
@@ -47,10 +47,25 @@ def test_best_and_other_prefixes_are_not_resumed_from(tmp_path):
     assert latest_tag(tmp_path, "step") is None and latest_tag(tmp_path, "epoch") == "epoch00000002"
 
 
-def test_a_checkpoint_from_before_completion_records_is_resumed_from(tmp_path):
-    """Older runs have no records: DeepSpeed's `latest` (written after a whole save) vouches for one."""
-    _tag(tmp_path, "step00000004", {"model.pt": b"x"}, record=None)
+def test_a_folder_without_a_record_is_never_resumed_even_when_latest_names_it(tmp_path):
+    """A rewrite of the checkpoint that `latest` names, cut by a kill, must not be resumed from."""
+    _tag(tmp_path, "step00000004", {"model.pt": b"x"})
     _tag(tmp_path, "step00000008", {"model.pt": b"x"}, record=None)
-    (tmp_path / "checkpoints" / "latest").write_text("step00000004")
+    (tmp_path / "checkpoints" / "latest").write_text("step00000008")
     with pytest.warns(UserWarning, match=r"\['step00000008'\] .* falling back to step00000004"):
         assert latest_tag(tmp_path, "step") == "step00000004"
+
+
+def test_staging_folders_are_not_checkpoints(tmp_path):
+    _tag(tmp_path, "step00000004", {"model.pt": b"x"})
+    _tag(tmp_path, f"{STAGING}step00000008", {"model.pt": b"x"})  # complete files, not yet renamed
+    assert latest_tag(tmp_path, "step") == "step00000004"
+
+
+def test_publishing_over_an_existing_tag_keeps_one_complete_copy_at_every_moment(tmp_path):
+    old = _tag(tmp_path, "best", {"model.pt": b"old"})
+    staging = _tag(tmp_path, f"{STAGING}best", {"model.pt": b"new!"}, record=None)
+    _publish(staging, old, 7)
+    assert is_complete(old) and (old / "model.pt").read_bytes() == b"new!" and not staging.exists()
+    assert json.loads((old / COMPLETE).read_text()) == {"step": 7, "files": {"model.pt": 4}}
+    assert sorted(p.name for p in old.parent.iterdir()) == ["best"]  # the old copy is gone after the swap
