@@ -1,5 +1,6 @@
 """Checkpoints: DeepSpeed engine states plus our client state, rotation, export and loading the student."""
 
+import contextlib
 import gc
 import json
 import os
@@ -25,6 +26,27 @@ STAGING = ".partial-"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def weights_only():
+    """Every ``torch.load`` inside (DeepSpeed's own, which pass ``weights_only=False``, included) unpickles
+    tensors and plain data only, plus the few DeepSpeed classes its checkpoints hold (data, no code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def load(*args, **kwargs):
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return original(*args, **(kwargs | {"weights_only": True}))
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _sizes(tag_dir: Path) -> dict[str, int]:
@@ -169,7 +191,6 @@ def to_universal(output_dir: str | Path, tag: str) -> str:
     loads on any number of ranks. Returns the converted tag; raises ``CheckpointError`` when DeepSpeed
     cannot convert it."""
     import argparse
-    import contextlib
     import io
 
     from deepspeed.checkpoint import ds_to_universal
@@ -187,7 +208,7 @@ def to_universal(output_dir: str | Path, tag: str) -> str:
         inject_missing_state=True,
     )
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its per-file progress
+        with contextlib.redirect_stdout(io.StringIO()), weights_only():  # quiet: it prints per file
             ds_to_universal.main(args)
     except Exception as err:  # DeepSpeed raises assorted errors for layouts it cannot convert
         shutil.rmtree(out, ignore_errors=True)
@@ -205,22 +226,20 @@ def student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, t
     tag = tag or latest_tag(output_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {folder}")
-    if any((folder / tag).glob("*optim_states.pt")) and _zero_stage(folder / tag) > 0:
+    states = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    if int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag)
-    states = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        with weights_only():
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag)
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def _zero_stage(tag_dir: Path) -> int:
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
-
-
 def export(run_dir: str, out: str, tag: str | None = None) -> str:
-    """Write the student encoder as a plain state dict that timm's ``Beit`` loads, and its model config
-    as ``<out>.json``."""
+    """Write the student encoder as a safetensors state dict that timm's ``Beit`` loads (no pickle: safe
+    to share and to load anywhere), and its model config as ``<out>.json``."""
+    from safetensors.torch import save_file
+
     from dtm_ds.student import DTMStudent
 
     config = load_config(Path(run_dir) / "config.json")
@@ -228,9 +247,20 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
     student = DTMStudent(config.model, state["lm_head.weight"].shape[0])
     student.load_state_dict(state)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(student.encoder_state_dict(), out)
+    save_file({k: v.contiguous() for k, v in student.encoder_state_dict().items()}, out)
     Path(f"{out}.json").write_text(json.dumps({"model": config.to_dict()["model"]}, indent=2))
     return out
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file (exports), or a torch file loaded with ``weights_only=True``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError:  # not safetensors: an export of an earlier version, or a torch file
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_student(path: str | Path):
@@ -251,7 +281,7 @@ def load_student(path: str | Path):
         raise FileNotFoundError(f"{path}: expected a run directory or an exported state dict with {path}.json")
     model = ModelConfig(**json.loads(Path(f"{path}.json").read_text())["model"])
     student = DTMStudent(model, 1)
-    missing, unexpected = student.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+    missing, unexpected = student.load_state_dict(read_weights(path), strict=False)
     if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
         raise ValueError(
             f"{path} does not fit the student of {path}.json: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -221,7 +221,8 @@ class Trainer:
 
     def resume(self, tag: str) -> None:
         folder = checkpoint.checkpoint_dir(self.config.run.output_dir)
-        _, client = self.engine.load_checkpoint(str(folder), tag, load_lr_scheduler_states=False)
+        with checkpoint.weights_only():
+            _, client = self.engine.load_checkpoint(str(folder), tag, load_lr_scheduler_states=False)
         if client is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {folder / tag}")
         self.state, plain = TrainState(**client["train_state"]), tag.removeprefix(checkpoint.UNIVERSAL)

@@ -187,9 +187,9 @@ class FineTuner:
     def fit(self) -> dict[str, float]:
         tag = checkpoint.latest_tag(self.output_dir, prefix="epoch")
         if tag is not None:
-            _, client = self.engine.load_checkpoint(
-                str(checkpoint.checkpoint_dir(self.output_dir)), tag, load_lr_scheduler_states=False
-            )
+            with checkpoint.weights_only():
+                folder = str(checkpoint.checkpoint_dir(self.output_dir))
+                _, client = self.engine.load_checkpoint(folder, tag, load_lr_scheduler_states=False)
             self.state = {k: client[k] for k in self.state}
         self.epoch_loss = torch.tensor(self.state["epoch_loss"], dtype=torch.float64, device=self.device)
         self.micro_steps, self.stop_requested = 0, False

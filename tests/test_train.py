@@ -225,6 +225,7 @@ def test_timm_teacher_from_local_weights(tmp_path):
 
 
 def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
+    from safetensors.torch import load_file
     from timm.models.beit import Beit
 
     from dtm_ds.checkpoint import export, load_student
@@ -232,7 +233,7 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
     out = tmp_path / "run"
     cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, 2), 2)
     subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    path = export(str(out), str(tmp_path / "student.pth"))
+    path = export(str(out), str(tmp_path / "student.safetensors"))
     m = build_config("tiny").model
     beit = Beit(
         img_size=32,
@@ -246,7 +247,7 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
         use_abs_pos_emb=False,
         use_shared_rel_pos_bias=True,
     )
-    beit.load_state_dict(torch.load(path, weights_only=True))
+    beit.load_state_dict(load_file(path))  # safetensors: no pickle
     student = load_student(out).eval()
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(beit.eval().forward_features(images), student.forward_features(images))
