@@ -65,6 +65,13 @@ def from_slurm(env: dict | None = None) -> dict:
     return env
 
 
+def close() -> None:
+    """Tear the process group down before the interpreter exits (left to the interpreter, gloo's worker
+    threads can abort the process at exit: "terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 

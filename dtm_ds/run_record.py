@@ -51,9 +51,9 @@ def engine_layout(ds_config: dict, world: int) -> dict:
 ENGINE_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_stage", "dtype", "gradient_clipping")
 
 
-def check_and_record(config: Config, ds_config: dict, world: int, rank0: bool = True) -> dict | None:
-    """Raise ``ValueError`` naming every field that differs from the folder's records; then (rank 0)
-    write the records. Returns the previous engine layout (None for a new folder)."""
+def check_and_record(config: Config, ds_config: dict, world: int, write: bool = True) -> dict | None:
+    """Raise ``ValueError`` naming every field that differs from the folder's records; then, when ``write``
+    (rank 0 of a run with work to do), write them. Returns the previous engine layout (None: a new folder)."""
     folder = Path(config.run.output_dir)
     layout = engine_layout(ds_config, world)
     previous = _read(folder / "engine.json")
@@ -70,7 +70,7 @@ def check_and_record(config: Config, ds_config: dict, world: int, rank0: bool = 
             + "\n  ".join(differences)
             + f"\nFields that may change: {', '.join(sorted(MAY_CHANGE))}. To start afresh, use a new --output_dir."
         )
-    if rank0:
+    if write:
         folder.mkdir(parents=True, exist_ok=True)
         _write(folder / "config.json", config.to_dict())
         _write(folder / "engine.json", layout)

@@ -303,8 +303,10 @@ def main(
     engine_cfg = engine_config(ds_config, distributed.world(), config.optim.batch_size)
     trainer = Trainer(config, engine_cfg, device)
     tag = checkpoint.latest_tag(config.run.output_dir, prefix="step")
-    check_and_record(config, engine_cfg, distributed.world(), rank0=distributed.rank() == 0)
     done = checkpoint.checkpoint_step(config.run.output_dir, tag) if tag else 0
+    check_and_record(
+        config, engine_cfg, distributed.world(), write=distributed.rank() == 0 and done < trainer.max_steps
+    )
     if done >= trainer.max_steps:
         if distributed.rank() == 0:
             print(
@@ -331,8 +333,11 @@ def main(
         if distributed.world() == 1 or not any(s in str(e) for s in ("gloo", "NCCL", "Connection", "timed out")):
             raise
         _lost_peer(config, e)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # saved and done: a late stop signal must not turn exit 0 into -15
+        signal.signal(sig, signal.SIG_IGN)
     if distributed.rank() == 0:
         print(json.dumps({"done": True, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
+    distributed.close()
 
 
 if __name__ == "__main__":

@@ -287,8 +287,11 @@ def main(
     if distributed.rank() == 0 and tuner.report is not None:
         print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
     result = tuner.fit()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # saved and done: a late stop signal must not turn exit 0 into -15
+        signal.signal(sig, signal.SIG_IGN)
     if distributed.rank() == 0:
         print(json.dumps({"encoder": encoder, "random_init": job.random_init, **result}), flush=True)
+    distributed.close()
     return result
 
 

@@ -1,0 +1,257 @@
+"""Cluster-scale reliability on CPU (gloo, real DeepSpeed): a stop signal to any process of a 2-rank job,
+kills and stops under gradient accumulation, resume on another number of ranks, a changed config, a
+finished run re-run, SLURM's environment, FFCV and ZeRO-2/bf16 resume, and a kill fuzz (slow)."""
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtm_ds.checkpoint import is_complete
+from tests.conftest import write_class_folder
+from tests.faults.test_faults import _torchrun, _wait_for_step, _worker_pids
+from tests.test_train import ROOT, _ds_json, _env, _losses, _train_cmd
+
+LONG = ("--optim.epochs=100",)  # a schedule far longer than the test: stops happen mid-run
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cluster")
+    write_class_folder(root / "imgs", {"a": 20, "b": 20}, size=(40, 40))
+    return root / "imgs"
+
+
+def _run(cmd, env=None, check=True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True)
+    assert not check or done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _two_ranks(port: int, images, out, ds, steps, *extra) -> list[str]:
+    return _torchrun(port) + _train_cmd(images, out, ds, steps, *LONG, *extra)[1:]
+
+
+def _start(cmd) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen, pid: int, sig: int) -> tuple[str, str, float]:
+    """Send ``sig`` to ``pid``; wait for the job; (stdout, stderr, seconds from signal to exit). A SIGKILL
+    goes to every process of the job (a lost node): torchrun's workers run in sessions of their own, and a
+    launcher killed alone leaves them running."""
+    try:
+        sent = time.time()
+        for target in _tree(proc.pid) if sig == signal.SIGKILL else [pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        return stdout, stderr, time.time() - sent
+    finally:  # never leave a worker behind (it would hold the port)
+        for target in _tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGKILL)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, children first."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [p for child in children for p in _tree(int(child))] + [pid]
+
+
+def _stopped_step(stdout: str) -> int:
+    return int(re.search(r"stopped by a signal at step (\d+) \(all ranks\)", stdout).group(1))
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(images, tmp_path_factory):
+    """Per-step losses of an uninterrupted 2-rank run (micro batch 4, 40 steps)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    _run(_two_ranks(29641, images, tmp / "run", _ds_json(tmp / "ds.json", 4), 40, "--run.save_every=1000"))
+    return _losses(tmp / "run")
+
+
+@pytest.mark.parametrize("target", ["one_worker", "both_workers", "launcher"])
+def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(images, tmp_path, two_rank_reference, target):
+    """SIGTERM to rank 1 only, to both ranks 0.3 s apart (what ``srun`` and ``scancel`` do), or to torchrun
+    (which forwards it to both): the ranks agree on one step through the per-micro-step all-reduce, write
+    one complete checkpoint there and exit 0; a re-run continues exactly. torchrun itself, when it is the
+    one signalled, re-raises the signal after its workers exit (exit code 1, ``SignalException``)."""
+    out, ds = tmp_path / "run", _ds_json(tmp_path / "ds.json", 4)
+    cmd = _two_ranks(29642, images, out, ds, 40, "--run.save_every=1000")
+    proc = _start(cmd)
+    _wait_for_step(out, 4, proc)
+    workers = _worker_pids(proc.pid)
+    if target == "both_workers":
+        os.kill(workers[0], signal.SIGTERM)
+        time.sleep(0.3)
+    victim = proc.pid if target == "launcher" else workers[1]
+    stdout, stderr, took = _stop(proc, victim, signal.SIGTERM)
+    stopped = _stopped_step(stdout)
+    print(f"SIGTERM to {target}: exit {proc.returncode} after {took:.1f} s, both ranks stopped at step {stopped}")
+    if target == "launcher":
+        assert proc.returncode == 1 and "SignalException" in stderr and "got signal: 15" in stderr
+    else:
+        assert proc.returncode == 0, stderr[-3000:]
+    assert "[rank" not in stderr and json.loads(stdout.strip().splitlines()[-1]) == {
+        "done": True,
+        "step": stopped,
+        "loss": _losses(out)[stopped],
+    }
+    assert took < 30 and 4 <= stopped < 40
+    folders = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert folders == [f"step{stopped:08d}"] and is_complete(out / "checkpoints" / folders[0])
+    resumed = _run(cmd)
+    assert f"resumed from step{stopped:08d}" in resumed.stdout
+    torch.testing.assert_close(_losses(out), two_rank_reference, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_kill_or_stop_with_accumulation_resumes_exactly(images, tmp_path, sig):
+    """gradient_accumulation_steps 2: a SIGKILL falls back to the last checkpoint, a SIGTERM saves at the
+    end of the current window; either way the resumed run's per-step losses equal an uninterrupted run's."""
+    ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
+    _run(_train_cmd(images, tmp_path / "reference", ds, 24, *LONG))
+    out = tmp_path / "run"
+    cmd = _train_cmd(images, out, ds, 24, *LONG)
+    proc = _start(cmd)
+    _wait_for_step(out, 6, proc)
+    stdout, stderr, took = _stop(proc, proc.pid, getattr(signal, sig))
+    if sig == "SIGTERM":
+        stopped = _stopped_step(stdout)
+        assert proc.returncode == 0 and took < 30 and is_complete(out / "checkpoints" / f"step{stopped:08d}")
+    _run(cmd)
+    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("engine", ["zero2_bf16", pytest.param("fp32", marks=pytest.mark.faults_slow)])
+def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference, engine):
+    """2 ranks x accumulation 1, SIGKILL after step 6 (last checkpoint: step 4), resumed on 1 rank x
+    accumulation 2: the same micro-batches, schedules and draws, so the per-step losses equal the
+    uninterrupted 2-rank run's. ZeRO-2's per-rank optimizer state goes through DeepSpeed's universal
+    checkpoint. Tolerance rtol 1e-6: the gradient is summed in another order (1 rank adds its micro-batches,
+    2 ranks all-reduce), which moves the last float bits; bf16 rounds the weights after each step."""
+    extra = {"bf16": {"enabled": True}} if engine == "zero2_bf16" else {}
+    stage = 2 if engine == "zero2_bf16" else 0
+    out = tmp_path / "run"
+    two = _two_ranks(29643, images, out, _ds_json(tmp_path / "ds4.json", 4, stage, **extra), 40, "--run.save_every=4")
+    reference = two_rank_reference
+    if engine == "zero2_bf16":  # bf16 weights: its own 2-rank reference
+        _run(_two_ranks(29644, images, tmp_path / "ref", _ds_json(tmp_path / "r.json", 4, stage, **extra), 12))
+        reference = _losses(tmp_path / "ref")
+    proc = _start(two)
+    _wait_for_step(out, 6, proc)
+    _stop(proc, proc.pid, signal.SIGKILL)
+    one = _train_cmd(images, out, _ds_json(tmp_path / "acc.json", 4, stage, accum=2, **extra), 12, *LONG)
+    resumed = _run(one + ["--run.save_every=4"])
+    assert "resumed from step00000004" in resumed.stdout
+    assert ("universal format, now on 1 ranks" in resumed.stdout) == (stage > 0)
+    losses = _losses(out)
+    torch.testing.assert_close(losses, {s: reference[s] for s in losses}, rtol=1e-6, atol=0)
+
+
+def test_a_changed_config_is_refused_before_anything_is_written(images, tmp_path):
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    out = tmp_path / "run"
+    _run(_train_cmd(images, out, ds, 2))
+    before = (out / "config.json").read_text()
+    changed = _run(_train_cmd(images, out, ds, 4, "--optim.lr=0.01", "--model.depth=2"), check=False)
+    assert changed.returncode != 0
+    assert "optim.lr: 0.004 -> 0.01" in changed.stderr and "model.depth: 4 -> 2" in changed.stderr
+    assert (out / "config.json").read_text() == before and max(_losses(out)) == 2
+    other_batch = _run(_train_cmd(images, out, _ds_json(tmp_path / "ds4.json", 4), 4), check=False)
+    assert "train_batch_size: 8 -> 4 (DeepSpeed config)" in other_batch.stderr
+    allowed = _run(_train_cmd(images, out, ds, 4, "--run.log_every=2", "--run.keep_last=1"))  # may change
+    assert "resumed from step00000002" in allowed.stdout
+
+
+def test_a_finished_run_re_run_writes_nothing(images, tmp_path):
+    ds = _ds_json(tmp_path / "ds.json", 8)
+    out = tmp_path / "run"
+    _run(_train_cmd(images, out, ds, 4))
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = _run(_train_cmd(images, out, ds, 4))
+    assert f"nothing to do: the run is done at step 4 of 4; its last checkpoint is {out}/checkpoints/step00000004" in (
+        again.stdout
+    )
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_slurm_srun_environment_maps_to_ranks(images, tmp_path):
+    """Two processes started as ``srun --ntasks 2`` starts them (SLURM_* only): they form one 2-rank job."""
+    out, ds = tmp_path / "run", _ds_json(tmp_path / "ds.json", 4)
+    cmd = _train_cmd(images, out, ds, 2)
+    base = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "4242", "MASTER_PORT": "29645"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=base | slurm | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[1][1][-2000:]
+    assert json.loads((out / "engine.json").read_text())["world"] == 2
+    assert json.loads(outputs[0][0].strip().splitlines()[-1])["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def beton(images, tmp_path_factory):
+    from data_prep.write_ffcv import convert
+
+    out = tmp_path_factory.mktemp("beton") / "train.beton"
+    convert(str(images), str(out), workers=1)
+    return out
+
+
+@pytest.mark.parametrize("engine", ["ffcv", "zero2_bf16"])
+def test_sigkill_resume_is_exact_with_ffcv_and_with_zero2_bf16(images, beton, tmp_path, engine):
+    """The GPU defaults, on CPU: the FFCV loader (numba decode threads, seeded crops), and ZeRO-2 in bf16."""
+    if engine == "ffcv":
+        ds, data = _ds_json(tmp_path / "ds.json", 8), ("--data.backend=ffcv", "--data.workers=1")
+        source = beton
+    else:
+        ds, data, source = _ds_json(tmp_path / "ds.json", 8, 2, bf16={"enabled": True}), (), images
+    _run(_train_cmd(source, tmp_path / "reference", ds, 12, *LONG, *data))
+    out = tmp_path / "run"
+    cmd = _train_cmd(source, out, ds, 12, *LONG, *data)
+    proc = _start(cmd)
+    _wait_for_step(out, 6, proc)
+    _stop(proc, proc.pid, signal.SIGKILL)
+    _run(cmd)
+    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=0, atol=0)
+
+
+@pytest.mark.faults_slow
+def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
+    """20 rounds, each a fresh run killed at a moment drawn at random: after a random delay (start-up,
+    training, a checkpoint write or its publication), or inside the write of a random checkpoint at a
+    random fraction of its bytes. Each resumes with the same command (no hand) and its per-step losses
+    equal the uninterrupted run's."""
+    ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
+    _run(_train_cmd(images, tmp_path / "reference", ds, 20, *LONG, "--run.save_every=2"))
+    reference, rng = _losses(tmp_path / "reference"), random.Random(0)
+    for round_ in range(20):
+        out = tmp_path / f"round{round_}"
+        cmd = _train_cmd(images, out, ds, 20, *LONG, "--run.save_every=2")
+        if round_ % 2:
+            how = {"kill_in_save": 2 * rng.randint(1, 9), "fraction": round(rng.random(), 3)}
+            assert _run(cmd, env=_env(how), check=False).returncode == -signal.SIGKILL
+        else:
+            how = {"delay_s": round(rng.uniform(2, 12), 2)}
+            proc = _start(cmd)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=how["delay_s"])
+            _stop(proc, proc.pid, signal.SIGKILL)
+        killed_at = max(_losses(out), default=0) if (out / "metrics.jsonl").exists() else 0
+        _run(cmd)
+        assert _losses(out) == reference, how
+        print(f"round {round_}: killed by {how} after step {killed_at}; resumed run equal over 20 steps")
