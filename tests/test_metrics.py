@@ -1,0 +1,81 @@
+"""metrics.jsonl and TensorBoard log the values that acted on each step, at full precision."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import write_class_folder
+from tests.test_train import ROOT, _ds_json, _env, _train_cmd
+
+STEPS = 6
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensorboard(out, tag: str) -> dict[int, float]:
+    events = EventAccumulator(str(out / "tb"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    if tag in events.Tags()["tensors"]:
+        return {e.step: float(e.tensor_proto.float_val[0]) for e in events.Tensors(tag)}
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def _expected_lr(step: int, peak: float, total: int, warmup: int, min_lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine to ``min_lr`` at ``total`` (step is 1-based)."""
+    done = step - 1
+    if done < warmup:
+        return peak * (done + 1) / warmup
+    return min_lr + (peak - min_lr) * 0.5 * (1 + math.cos(math.pi * (done - warmup) / (total - warmup)))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 ranks x micro 2 x accumulation 2, and 1 rank x micro 8, with one DTM schedule per optimizer step
+    (dtm.shared_schedule): both see the same 8 samples per step with the same draws (dtm_ds/data.py)."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    write_class_folder(tmp / "imgs", {"a": 20, "b": 20}, size=(40, 40))
+    flags = ("--dtm.shared_schedule=true", "--optim.warmup_epochs=0.4", "--optim.epochs=2", "--optim.min_lr=1e-6")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29651"]
+    windows = _train_cmd(tmp / "imgs", tmp / "windows", _ds_json(tmp / "acc.json", 2, accum=2), STEPS, *flags)
+    single = _train_cmd(tmp / "imgs", tmp / "single", _ds_json(tmp / "ds8.json", 8), STEPS, *flags)
+    tiny_lr = _train_cmd(tmp / "imgs", tmp / "tiny_lr", _ds_json(tmp / "ds8.json", 8), 1, "--optim.lr=1.6e-8",
+                         "--optim.min_lr=0", "--optim.warmup_epochs=0")  # fmt: skip
+    for cmd in (torchrun + windows[1:], single, tiny_lr):
+        subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    return tmp
+
+
+def test_logged_loss_is_the_window_and_rank_mean(runs):
+    windows, single = _rows(runs / "windows"), _rows(runs / "single")
+    assert [r["step"] for r in windows] == list(range(1, STEPS + 1))
+    for a, b in zip(windows, single, strict=True):  # rtol: 4 chunk means averaged vs one 8-sample mean
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["loss_level0"] == pytest.approx(b["loss_level0"], rel=1e-5)
+    assert len(windows[0]["peak_rss_gib_per_rank"]) == 2 and len(single[0]["peak_rss_gib_per_rank"]) == 1
+    assert windows[-1]["tokens_per_s"] == pytest.approx(64 * windows[-1]["img_per_s"])
+    assert windows[-1]["img_per_s_per_rank"] == pytest.approx(windows[-1]["img_per_s"] / 2)
+
+
+def test_logged_lr_is_the_one_the_step_used(runs):
+    """Global batch 8 (lr 4e-3 x sqrt(8 / 2048)), 5 steps per epoch, 2 epochs, warm-up 2 steps."""
+    peak = 4e-3 * math.sqrt(8 / 2048)
+    for row in _rows(runs / "windows"):
+        expected = _expected_lr(row["step"], peak, total=10, warmup=2, min_lr=1e-6)
+        assert row["lr"] == pytest.approx(expected, rel=1e-12, abs=0), row["step"]
+        assert row["lr_groups"] == [row["lr"], row["lr"]] and row["weight_decay_groups"] == [0.05, 0.0]
+        assert row["grad_norm_clipped"] == pytest.approx(min(row["grad_norm"], 3.0), rel=1e-5)
+    board = _tensorboard(runs / "windows", "train/lr")
+    assert {s: pytest.approx(v, rel=1e-7) for s, v in board.items()} == {
+        r["step"]: r["lr"] for r in _rows(runs / "windows")
+    }
+
+
+def test_a_tiny_lr_survives_metrics_jsonl_and_tensorboard(runs):
+    (row,) = _rows(runs / "tiny_lr")
+    assert row["lr"] == 1.6e-8 * math.sqrt(8 / 2048) and 0.99e-9 < row["lr"] < 1.01e-9  # not rounded to 0 or 1e-09
+    assert _tensorboard(runs / "tiny_lr", "train/lr")[1] == pytest.approx(row["lr"], rel=1e-7)
