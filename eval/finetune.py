@@ -182,7 +182,8 @@ class FineTuner:
             logits = self.engine(images.to(self.device).to(self.dtype)).float().cpu()
             counts += torch.tensor([*accuracy(logits, labels), len(labels)], dtype=torch.float64)
         counts = distributed.mean_tensor(counts) * distributed.world()  # sums: each image counted once
-        return {"top1": 100 * counts[0].item() / counts[2].item(), "top5": 100 * counts[1].item() / counts[2].item()}
+        top1, top5, images = counts.tolist()
+        return {"top1": 100 * top1 / images, "top5": 100 * top5 / images, "eval_images": int(images)}
 
     def fit(self) -> dict[str, float]:
         tag = checkpoint.latest_tag(self.output_dir, prefix="epoch")

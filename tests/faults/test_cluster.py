@@ -9,6 +9,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -255,3 +256,15 @@ def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
         _run(cmd)
         assert _losses(out) == reference, how
         print(f"round {round_}: killed by {how} after step {killed_at}; resumed run equal over 20 steps")
+
+
+def test_distributed_evaluation_counts_every_image_once(pretrained, tmp_path):
+    """3 ranks, 20 evaluation images: 7 + 7 + 6, no padding (a DistributedSampler would count 21)."""
+    from tests.test_eval import finetune_cmd
+
+    cmd = finetune_cmd(pretrained, _ds_json(tmp_path / "ds.json", 4), tmp_path / "ft", "--train_per_class=2",
+                       "--eval_per_class=2", "--recipe.epochs=1", "--recipe.batch_size=12")  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29646"]
+    done = _run(torchrun + cmd[1:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["eval_images"] == 20 and result["top1"] / 5 == pytest.approx(round(result["top1"] / 5))  # k of 20
