@@ -24,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dtm_ds.config import build_config  # noqa: E402
 from dtm_ds.data import augment_on_device, normalize  # noqa: E402
 from dtm_ds.dtm_step import DTMStep  # noqa: E402
+from dtm_ds.logs import PEAK_BF16  # noqa: E402
 from dtm_ds.masking import BlockMasking  # noqa: E402
 from dtm_ds.morph import sample_schedule  # noqa: E402
 from dtm_ds.student import DTMStudent  # noqa: E402
 from dtm_ds.teacher import PixelTeacher, TokenTeacher  # noqa: E402
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 class RandomClipTeacher(TokenTeacher):

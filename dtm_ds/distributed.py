@@ -91,6 +91,11 @@ def agree(flag: torch.Tensor, local: bool) -> tuple[bool, bool]:
     return first > 0, second > 0
 
 
+def barrier() -> None:
+    if world() > 1:
+        torch.distributed.barrier()
+
+
 def on_rank0(fn: Callable):
     """Run ``fn`` on rank 0, then share its (picklable) result with every rank. An error on rank 0 is
     raised on every rank, so none is left waiting."""

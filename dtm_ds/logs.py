@@ -100,11 +100,14 @@ def device_peak_flops() -> float | None:
 
 
 def step_flops(teacher, model, target_dim: int, device: torch.device) -> float | None:
+    """FLOPs of one image through a training step where the device's peak is known (for MFU), else None."""
+    return count_step_flops(teacher, model, target_dim, device) if device_peak_flops() else None
+
+
+def count_step_flops(teacher, model, target_dim: int, device: torch.device) -> float:
     """FLOPs of one image through a training step: teacher forward, student forward and backward, counted
     by ``torch.utils.flop_counter`` (the student on the meta device: no memory, no gradient hooks; DTM's
-    scatter means count as nothing). None where the device's peak is unknown (no MFU to compute)."""
-    if device_peak_flops() is None:
-        return None
+    scatter means count as nothing)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dtm_ds.student import DTMStudent

@@ -226,7 +226,8 @@ class Trainer:
         if client is None:
             raise checkpoint.CheckpointError(f"DeepSpeed could not load {folder / tag}")
         self.state, plain = TrainState(**client["train_state"]), tag.removeprefix(checkpoint.UNIVERSAL)
-        if tag.startswith(checkpoint.UNIVERSAL):  # converted for this resume only
+        if tag.startswith(checkpoint.UNIVERSAL):  # converted for this resume only; removed once all have loaded
+            distributed.barrier()
             distributed.on_rank0(lambda: shutil.rmtree(folder / tag, ignore_errors=True))
         if self.rank == 0:
             s = self.state

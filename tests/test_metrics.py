@@ -79,3 +79,19 @@ def test_a_tiny_lr_survives_metrics_jsonl_and_tensorboard(runs):
     (row,) = _rows(runs / "tiny_lr")
     assert row["lr"] == 1.6e-8 * math.sqrt(8 / 2048) and 0.99e-9 < row["lr"] < 1.01e-9  # not rounded to 0 or 1e-09
     assert _tensorboard(runs / "tiny_lr", "train/lr")[1] == pytest.approx(row["lr"], rel=1e-7)
+
+
+def test_step_flops_count_the_student_three_times_and_the_teacher_once():
+    """MFU's numerator (GPU only in training): 6 x params x tokens for the student's matmuls (forward and
+    backward) within 25 % (attention scores and the head add to it); the pixels teacher adds nothing."""
+    import torch
+
+    from dtm_ds.config import build_config
+    from dtm_ds.logs import count_step_flops
+    from dtm_ds.teacher import build_teacher
+
+    model = build_config("vits").model
+    teacher = build_teacher(build_config("tiny").teacher, model, torch.device("cpu"))  # pixels
+    flops = count_step_flops(teacher, model, teacher.dim, torch.device("cpu"))
+    matmul_params = 12 * model.depth * model.embed_dim**2  # qkv, proj and the 4x MLP of every block
+    assert 1.0 < flops / (6 * matmul_params * model.grid**2) < 1.25, flops

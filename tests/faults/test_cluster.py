@@ -268,3 +268,31 @@ def test_distributed_evaluation_counts_every_image_once(pretrained, tmp_path):
     done = _run(torchrun + cmd[1:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["eval_images"] == 20 and result["top1"] / 5 == pytest.approx(round(result["top1"] / 5))  # k of 20
+
+
+def test_finetune_stop_with_accumulation_saves_mid_epoch_and_resumes_exactly(pretrained, tmp_path):
+    """Fine-tuning with accumulation 2 over 17 micro-batches per epoch (70 images, micro batch 4): 8
+    windows an epoch, the 17th micro-batch dropped explicitly (it never spills into the next epoch). A
+    SIGTERM saves `epochNNNNNNNN-stepNNNNNNNN` mid-epoch and exits 0; the re-run continues there with
+    the same per-step losses and evaluation rows as an uninterrupted run."""
+    from tests.test_eval import finetune_cmd
+
+    def cmd(out):
+        return finetune_cmd(pretrained, _ds_json(tmp_path / "acc.json", 4, accum=2), out, "--train_per_class=7",
+                            "--eval_per_class=2", "--log_every=1", "--recipe.epochs=3")  # fmt: skip
+
+    _run(cmd(tmp_path / "reference"))
+    reference = _losses(tmp_path / "reference")
+    rows = [json.loads(line) for line in (tmp_path / "reference" / "eval.jsonl").read_text().splitlines()]
+    assert sorted(reference) == list(range(1, 25)) and [r["step"] for r in rows] == [8, 16, 24]
+    out = tmp_path / "run"
+    proc = _start(cmd(out))
+    _wait_for_step(out, 3, proc)
+    stdout, stderr, took = _stop(proc, proc.pid, signal.SIGTERM)
+    assert proc.returncode == 0 and took < 30, stderr[-2000:]
+    epoch, window = map(int, re.search(r"stopped by a signal in epoch (\d+) after window (\d+)", stdout).groups())
+    tag = f"epoch{epoch:08d}-step{window:08d}"
+    assert (out / "checkpoints" / "latest").read_text() == tag and is_complete(out / "checkpoints" / tag)
+    resumed = _run(cmd(out))
+    assert _losses(out) == reference, resumed.stdout[-1000:]
+    assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
