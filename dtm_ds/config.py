@@ -6,7 +6,10 @@ world size; stating it here too is allowed only if it agrees.
 """
 
 import dataclasses
+import difflib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +22,15 @@ class ModelConfig:
     img_size: int = 224
     """Input resolution of the student (square)."""
     patch_size: int = 16
+    """Patch side in pixels (16 for S/B/L; 14 for H)."""
     embed_dim: int = 768
+    """Token width."""
     depth: int = 12
+    """Transformer blocks."""
     num_heads: int = 12
+    """Attention heads per block."""
     mlp_ratio: float = 4.0
+    """MLP hidden width / token width."""
     drop_path: float = 0.1
     """Stochastic depth rate of the last block (linear in depth)."""
     layer_scale: float = 0.1
@@ -72,7 +80,9 @@ class DTMConfig:
     k_max: list[int] = field(default_factory=lambda: [14, 14])
     """Most merging iterations per level."""
     loss: str = "smooth_l1"
+    """Per-token loss between morphed predictions and targets: smooth_l1, l1, l2 or negcosine."""
     beta: float = 2.0
+    """Smooth-L1 threshold (the reference: 2.0)."""
     protect_first: bool = True
     """The first token never merges away (the reference's behaviour)."""
     shared_schedule: bool = False
@@ -91,12 +101,17 @@ class DataConfig:
     path: str = "data/imagenet_train.beton"
     """FFCV .beton (backend ffcv) or any data_prep source: image folder, list file, fashion_mnist (torchvision)."""
     backend: str = "ffcv"
+    """'ffcv' (a .beton) or 'torchvision' (any data_prep source through a DataLoader)."""
     workers: int = 8
+    """Decoding threads (FFCV) or DataLoader workers (torchvision) per rank."""
     min_crop_scale: float = 0.2
+    """RandomResizedCrop area scale range is [min_crop_scale, 1]."""
     jitter: float = 0.4
+    """Colour jitter strength (brightness, contrast, saturation)."""
     num_masked: int = 75
     """Masked patches per image (75 of 196 for 224 px / patch 16)."""
     min_mask_block: int = 16
+    """Smallest block of BEiT's block-wise masking, in patches."""
 
 
 @dataclass
@@ -104,11 +119,17 @@ class OptimConfig:
     lr: float = 1.5e-3
     """Base lr at a global batch of 2048, scaled by sqrt(global batch / 2048)."""
     min_lr: float = 1e-5
+    """Floor of the cosine schedule."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     weight_decay: float = 0.05
+    """AdamW weight decay (none on biases, norms, tokens and relative-position tables)."""
     epochs: int = 300
+    """Length of the schedule in epochs (the run stops here unless run.max_steps is smaller)."""
     warmup_epochs: float = 10
+    """Linear warm-up, in epochs (rounded to optimizer steps)."""
     batch_size: int | None = None
     """Global batch; derived from the DeepSpeed JSON and the world size when None, checked when set."""
 
@@ -116,12 +137,17 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "outputs/run"
+    """The run folder: config.json, engine.json, checkpoints/, metrics.jsonl, tb/."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (the schedule still spans optim.epochs)."""
     seed: int = 0
+    """Seed of the initial student, the data order and every random draw."""
     save_every: int = 1000
+    """Optimizer steps between checkpoints (one is also written at the end and on a stop signal)."""
     keep_last: int = 3
+    """Complete checkpoints kept."""
     log_every: int = 20
+    """Optimizer steps between lines of metrics.jsonl / TensorBoard."""
     vis_every: int = 1000
     """Steps between TensorBoard images of the morphed groups (0: never)."""
     max_nonfinite: int = 5
@@ -154,7 +180,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {
+SECTIONS = {
     "model": ModelConfig,
     "teacher": TeacherConfig,
     "dtm": DTMConfig,
@@ -193,7 +219,8 @@ PRESETS["vith"]["data"] = {"num_masked": 98}
 
 
 def build_config(preset: str = "vitb", overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the preset, then dotted overrides such as {"optim.lr": 1e-3, "run.output_dir": "x"}."""
+    """Defaults, then the preset, then dotted overrides such as {"optim.lr": 1e-3, "run.output_dir": "x"};
+    every override is checked against its field's type (and converted: 3 -> 3.0 for a float)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     tree = Config().to_dict()
@@ -202,16 +229,60 @@ def build_config(preset: str = "vitb", overrides: dict[str, Any] | None = None) 
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if section not in tree or name not in tree[section]:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {_valid_keys(tree)}")
-        tree[section][name] = value
+            raise ValueError(f"unknown config key {key!r}{_suggest(key, tree)} (--help lists every key)")
+        tree[section][name] = coerce(key, value, SECTIONS[section].__dataclass_fields__[name].type)
     return from_dict(tree)
 
 
+def coerce(key: str, value: Any, kind) -> Any:
+    """``value`` as the field type ``kind`` (int, float, bool, str, T | None, list[T], tuple[T, ...]), or a
+    ValueError that names the key, the type and the value."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        return coerce(key, value, next(a for a in args if a is not type(None)))
+    if origin in (list, tuple) and isinstance(value, list | tuple):
+        if origin is tuple and len(args) != len(value):
+            raise ValueError(f"{key} expects {len(args)} values, got {value!r}")
+        items = [coerce(f"{key}[{i}]", v, args[i] if origin is tuple else args[0]) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is bool and isinstance(value, bool) or kind is int and number and float(value).is_integer():
+        return int(value) if kind is int else value
+    if kind is float and number:
+        return float(value)
+    if kind is str and (isinstance(value, str) or number):
+        return str(value)
+    example = {list: " such as [196,196]", tuple: " such as [0.9,0.98]"}.get(origin, "")
+    raise ValueError(f"{key} expects {_type_name(kind)}{example}, got {value!r}")
+
+
+def _type_name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+
+def _suggest(key: str, tree: dict[str, Any]) -> str:
+    """'; did you mean ...?' for a mistyped key: the same field in another section, a close spelling of the
+    field, or a field whose name is the key's initials (learning_rate -> lr)."""
+    _, _, name = key.partition(".")
+    initials = "".join(word[:1] for word in name.split("_"))
+    scored = []
+    for section, values in tree.items():
+        for field_name in values:
+            ratio = difflib.SequenceMatcher(None, name, field_name).ratio()
+            score = 2.0 if field_name == name else 1.5 if field_name == initials else ratio
+            if score >= 0.75:
+                scored.append((-score, f"{section}.{field_name}"))
+    close = [k for _, k in sorted(scored)[:3]]
+    return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+
+
 def from_dict(tree: dict[str, Any]) -> Config:
-    unknown = set(tree) - set(_SECTIONS)
+    unknown = set(tree) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"unknown config sections {sorted(unknown)}; valid: {sorted(_SECTIONS)}")
-    parts = {name: kind(**tree.get(name, {})) for name, kind in _SECTIONS.items()}
+        raise ValueError(f"unknown config sections {sorted(unknown)}; valid: {sorted(SECTIONS)}")
+    parts = {name: kind(**tree.get(name, {})) for name, kind in SECTIONS.items()}
     parts["optim"].betas = tuple(parts["optim"].betas)
     return Config(**parts)
 
@@ -222,7 +293,3 @@ def save_config(config: Config, path: str | Path) -> None:
 
 def load_config(path: str | Path) -> Config:
     return from_dict(json.loads(Path(path).read_text()))
-
-
-def _valid_keys(tree: dict[str, Any]) -> str:
-    return ", ".join(f"{s}.{k}" for s, values in tree.items() for k in values)

@@ -9,11 +9,39 @@
   precision, so a window whose loss was non-finite is dropped whole and the next one starts clean.
 """
 
+import difflib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
+
+_KEYS = """activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger
+    communication_data_type compile compression_training csv_monitor curriculum_learning data_efficiency
+    data_types dataloader_drop_last datastates_ckpt disable_allgather disable_python_gc dump_state eigenvalue
+    elasticity expert_parallel flops_profiler fp16 gradient_accumulation_steps gradient_allreduce_op
+    gradient_clipping gradient_predivide_factor graph_harvesting hybrid_engine log_level
+    managed_gradient_accumulation memory_breakdown nebula optimizer pipeline prescale_gradients
+    progressive_layer_drop quantize_training scheduler seq_parallel_communication_data_type sparse_attention
+    sparse_gradients steps_per_print tensor_parallel tensorboard timers torch_autocast train_batch_size
+    train_micro_batch_size_per_gpu use_data_before_expert_parallelism vocabulary_size wall_clock_breakdown
+    wandb weight_quantization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer zero_optimization"""
+DEEPSPEED_KEYS = frozenset(_KEYS.split())
+"""Top-level keys DeepSpeed 0.19 reads (tests/test_cli.py checks the list against DeepSpeedConfig)."""
+
+
+def check_keys(path: str, cfg: dict) -> None:
+    """A misspelt top-level key (``zero_optimisation``) is an error naming it and the key it resembles;
+    other unknown keys, which DeepSpeed ignores, a warning listing them. Keys starting with ``_`` are
+    comments."""
+    unknown = sorted(k for k in cfg if k not in DEEPSPEED_KEYS and not k.startswith("_"))
+    for key in unknown:
+        close = difflib.get_close_matches(key, DEEPSPEED_KEYS, n=1, cutoff=0.8)
+        if close:
+            raise ValueError(f"{path}: unknown key {key!r}; did you mean {close[0]!r}? (DeepSpeed ignores it)")
+    if unknown:
+        warnings.warn(f"{path}: DeepSpeed ignores the unknown keys {unknown}", stacklevel=2)
 
 
 def engine_config(path: str, world: int, batch_size: int | None, batch_name: str = "optim.batch_size") -> dict:
@@ -24,6 +52,9 @@ def engine_config(path: str, world: int, batch_size: int | None, batch_name: str
         cfg = json.loads(Path(path).read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err})") from err
+    if not isinstance(cfg, dict):
+        raise ValueError(f"DeepSpeed config {path} must hold a JSON object, got {type(cfg).__name__}")
+    check_keys(path, cfg)
     micro, accum = cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1)
     if not isinstance(micro, int) or micro < 1:
         raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")

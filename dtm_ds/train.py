@@ -1,7 +1,7 @@
 """DTM pretraining.
 
-    deepspeed dtm_ds/train.py --ds_config ds_configs/zero2_bf16.json --model vitb --output_dir out \
-        --data.path=train.beton --teacher.weights=ViT-B-16.pt
+    deepspeed dtm_ds/train.py --ds_config ds_configs/zero2_bf16.json --model vitb --output_dir out
+        --data.path=train.beton --teacher.weights=ViT-B-16.pt    (one line)
     python dtm_ds/train.py --ds_config ds_configs/cpu.json --model tiny --output_dir out --max_steps 100
 
 Any config field is overridable as ``--<section>.<field>=value``; the resolved config is saved as
@@ -26,7 +26,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the package folder must not shadow top-level modules
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import fire
 import numpy as np
 import torch
 
@@ -293,7 +292,16 @@ def main(
     local_rank: int | None = None,
     **overrides,
 ) -> None:
-    """Pretrain preset ``model`` (tiny, vits, vitb, vitl, vith) with DeepSpeed config ``ds_config``."""
+    """Pretrain a preset with a DeepSpeed config.
+
+    Args:
+        ds_config: DeepSpeed JSON (micro batch, accumulation, precision, ZeRO stage, clipping); see ds_configs/.
+        model: preset: tiny (CPU, pixels teacher), vits, vitb, vitl or vith.
+        output_dir: the run folder (same as --run.output_dir); a re-run resumes it.
+        max_steps: stop after this many optimizer steps (same as --run.max_steps; the lr schedule still
+            spans optim.epochs).
+        local_rank: set by the deepspeed launcher.
+    """
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
     if output_dir is not None:
         overrides["run.output_dir"] = output_dir
@@ -305,10 +313,8 @@ def main(
     trainer = Trainer(config, engine_cfg, device)
     tag = checkpoint.latest_tag(config.run.output_dir, prefix="step")
     done = checkpoint.checkpoint_step(config.run.output_dir, tag) if tag else 0
-    check_and_record(
-        config, engine_cfg, distributed.world(), write=distributed.rank() == 0 and done < trainer.max_steps
-    )
-    if done >= trainer.max_steps:
+    check_and_record(config, engine_cfg, distributed.world(), write=False)  # nothing is written before this
+    if done >= trainer.max_steps:  # a finished run re-run writes nothing
         if distributed.rank() == 0:
             print(
                 f"nothing to do: the run is done at step {done} of {trainer.max_steps}; its last checkpoint is "
@@ -323,7 +329,8 @@ def main(
         engine_cfg["checkpoint"] = engine_cfg.get("checkpoint", {}) | {"load_universal": True}
         trainer.ds_config = engine_cfg
         tag = distributed.on_rank0(lambda: checkpoint.to_universal(config.run.output_dir, tag))
-    trainer.build()
+    trainer.build()  # teacher weights, student, engine: their errors come before any file is written
+    check_and_record(config, engine_cfg, distributed.world(), write=distributed.rank() == 0)
     if tag:
         trainer.resume(tag)
     try:
@@ -341,5 +348,20 @@ def main(
     distributed.close()
 
 
+def describe() -> str:
+    """``--help``: the command's options, then every config field by section."""
+    from dtm_ds import cli
+    from dtm_ds.config import SECTIONS
+
+    sections = [("Options", cli.function_rows(main, skip=("local_rank",)))]
+    for name, kind in SECTIONS.items():
+        sections.append(
+            (f"{name} (--{name}.<field>=value; defaults before the preset)", cli.dataclass_rows(kind, f"{name}."))
+        )
+    return cli.describe(__doc__, sections)
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    from dtm_ds.cli import run
+
+    run(main, describe)

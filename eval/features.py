@@ -18,18 +18,43 @@ class Probe:
     """Where the frozen features come from (shared by eval/knn.py and eval/linear.py)."""
 
     encoder: str
+    """A pretraining run folder (its latest checkpoint) or an export."""
     train: str = "fashion_mnist"
+    """Training features: a data_prep source or a dataset root."""
     val: str = "fashion_mnist"
+    """Evaluation features: a data_prep source or a dataset root."""
     dataset: str | None = None
     """A reader of data_prep/datasets.py for ``train``/``val`` roots; None: detect the layout."""
     eval_split: str = "val"
+    """The split of ``val`` to evaluate on (val or test)."""
     train_per_class: int | None = None
+    """Use only this many training images per class (a subsample)."""
     random_init: bool = False
     """Same architecture, untrained weights (the baseline)."""
     crop_ratio: float = 0.875
+    """Resize to size / crop_ratio, then centre-crop (timm's evaluation transform)."""
     blocks: int = 1
+    """Concatenate the mean-pooled tokens of the last ``blocks`` blocks."""
     workers: int = 1
+    """DataLoader workers."""
     seed: int = 0
+    """Seed of a random-init encoder."""
+
+
+def make_probe(encoder: str, options: dict) -> Probe:
+    """A :class:`Probe` from command-line options, each checked against its field's type."""
+    import difflib
+    from dataclasses import fields
+
+    from dtm_ds.config import coerce
+
+    kinds = {f.name: f.type for f in fields(Probe) if f.name != "encoder"}
+    unknown = sorted(set(options) - set(kinds))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, kinds, 1, 0.6) for k in unknown}
+        said = "".join(f"; {k!r}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
+        raise ValueError(f"unknown options {unknown}{said} (--help lists them)")
+    return Probe(encoder, **{k: coerce(k, v, kinds[k]) for k, v in options.items()})
 
 
 def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
@@ -49,15 +74,18 @@ def frozen_features(probe: Probe):
     train_set = select(open_listing(probe.train, "train", probe.dataset), per_class=probe.train_per_class)
     split = "test" if probe.val == "fashion_mnist" else probe.eval_split
     test_set = open_listing(probe.val, split, probe.dataset)
-    train_x, train_y = extract(model, train_set, probe.crop_ratio, probe.blocks, workers=probe.workers)
-    test_x, test_y = extract(model, test_set, probe.crop_ratio, probe.blocks, workers=probe.workers)
+    train_x, train_y = extract(model, train_set, probe.crop_ratio, probe.blocks, workers=probe.workers, name="train")
+    test_x, test_y = extract(model, test_set, probe.crop_ratio, probe.blocks, workers=probe.workers, name=split)
     return train_x, train_y, test_x, test_y, len(train_set.classes)
 
 
 @torch.no_grad()
-def extract(encoder, listing: Listing, crop_ratio: float = 0.875, blocks: int = 1, batch: int = 256, workers: int = 1):
+def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name: str = "features"):
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
-    applied) and labels [n], on timm's evaluation transform (bicubic resize + centre crop)."""
+    applied) and labels [n], on timm's evaluation transform (bicubic resize + centre crop); a progress
+    bar named ``name`` on stderr."""
+    from tqdm import tqdm
+
     encoder.eval()
     size = encoder.patch_embed.img_size[0]
     transform = create_transform(
@@ -66,7 +94,7 @@ def extract(encoder, listing: Listing, crop_ratio: float = 0.875, blocks: int = 
     loader = DataLoader(ListingImages(listing, transform), batch_size=batch, num_workers=workers)
     depth = len(encoder.blocks)
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True):
         if blocks == 1:
             tokens = [encoder.forward_features(x)[:, encoder.num_prefix_tokens :]]
         else:

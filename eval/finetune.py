@@ -1,8 +1,8 @@
 """End-to-end fine-tuning of a pretrained dtm_ds student as a timm BEiT classifier, through DeepSpeed.
 
-    deepspeed eval/finetune.py --encoder RUN_DIR_OR_EXPORT --dataset imagenet --data /data/imagenet \
-        --ds_config ds_configs/zero2_bf16.json --output_dir out/ft
-    python eval/finetune.py --encoder outputs/demo/run --dataset fmnist --data fashion_mnist \
+    deepspeed eval/finetune.py --encoder RUN_DIR_OR_EXPORT --dataset imagenet --data /data/imagenet
+        --ds_config ds_configs/zero2_bf16.json --output_dir out/ft        (one line)
+    python eval/finetune.py --encoder outputs/demo/run --dataset fmnist --data fashion_mnist
         --ds_config ds_configs/cpu.json --output_dir out/ft
 
 Recipe per dataset in eval/recipes.py (``--recipe.<field>=value`` overrides). timm provides RandAugment,
@@ -12,6 +12,7 @@ epoch end (the last ``keep_last``) plus ``best``; a re-run resumes exactly from 
 """
 
 import dataclasses
+import difflib
 import json
 import random
 import signal
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from data_prep.datasets import open_listing
 from data_prep.sources import select
 from dtm_ds import checkpoint, distributed, faults
+from dtm_ds.config import coerce
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, set_lr
 from dtm_ds.logs import RunLog
@@ -50,18 +52,29 @@ class Job:
     """What to fine-tune on what, and where to write it."""
 
     encoder: str
+    """A pretraining run folder (its latest checkpoint) or an export."""
     dataset: str
+    """A recipe of eval/recipes.py (imagenet, inat18, inat19, cub, cars, aircraft, flowers, pets, fmnist)."""
     data: str
+    """The dataset root (README: layouts) or a data_prep source."""
     output_dir: str = "outputs/finetune"
+    """The run folder: checkpoints/, eval.jsonl, metrics.jsonl, tb/; a re-run resumes it."""
     random_init: bool = False
+    """Keep the architecture, not the weights (the baseline)."""
     workers: int = 2
+    """DataLoader workers per rank."""
     seed: int = 0
+    """Seed of the head, the data order and every augmentation."""
     keep_last: int = 2
+    """Epoch checkpoints kept (plus ``best``)."""
     train_per_class: int | None = None
+    """Use only this many training images per class (a subsample)."""
     eval_per_class: int | None = None
+    """Use only this many evaluation images per class."""
     max_epochs: int | None = None
     """Stop after this many epochs (the schedule still spans recipe.epochs); a re-run continues."""
     log_every: int = 10
+    """Optimizer steps between lines of metrics.jsonl."""
 
 
 class FineTuner:
@@ -265,26 +278,35 @@ def main(
     local_rank: int | None = None,
     **options,
 ) -> dict:
-    """Fine-tune ``encoder`` on ``dataset`` (a key of eval/recipes.py) read from ``data``. Options: the
-    fields of :class:`Job` (``--random_init`` keeps the architecture but not the weights: the baseline;
-    ``--train_per_class`` / ``--eval_per_class`` subsample) and ``--recipe.<field>=value``."""
+    """Fine-tune ``encoder`` on ``dataset`` read from ``data``; more options: the job and recipe fields.
+
+    Args:
+        encoder: a pretraining run folder (its latest checkpoint) or an export.
+        dataset: a recipe of eval/recipes.py (imagenet, inat18, inat19, cub, cars, aircraft, flowers, pets, fmnist).
+        data: the dataset root (README: layouts) or a data_prep source.
+        ds_config: DeepSpeed JSON; micro batch x accumulation x ranks must equal --recipe.batch_size.
+        local_rank: set by the deepspeed launcher.
+    """
     if dataset not in RECIPES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RECIPES)}")
-    job_fields = {f.name for f in dataclasses.fields(Job)}
-    recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
-    job = {k: v for k, v in options.items() if k in job_fields}
-    tweaks = {k.removeprefix("recipe."): v for k, v in options.items() if k not in job_fields}
-    unknown = sorted(set(tweaks) - recipe_fields)
+    job_types = {f.name: f.type for f in dataclasses.fields(Job)}
+    recipe_types = {f.name: f.type for f in dataclasses.fields(Recipe)}
+    job = {k: coerce(k, v, job_types[k]) for k, v in options.items() if k in job_types}
+    tweaks = {k.removeprefix("recipe."): v for k, v in options.items() if k not in job_types}
+    unknown = sorted(set(tweaks) - set(recipe_types))
     if unknown:
-        raise ValueError(
-            f"unknown options {unknown}; job fields: {sorted(job_fields)}; recipe fields: {sorted(recipe_fields)}"
-        )
+        names = [*job_types, *(f"recipe.{k}" for k in recipe_types)]
+        close = {k: difflib.get_close_matches(k, names, 1, 0.7) or difflib.get_close_matches(f"recipe.{k}", names, 1)
+                 for k in unknown}  # fmt: skip
+        hints = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in close.items() if v)
+        raise ValueError(f"unknown options {unknown}{'; ' + hints if hints else ''} (--help lists them)")
+    tweaks = {k: coerce(f"recipe.{k}", v, recipe_types[k]) for k, v in tweaks.items()}
     job = Job(encoder, dataset, data, **job)
     recipe = dataclasses.replace(RECIPES[dataset], **tweaks)
     device = distributed.init(local_rank)
     engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size, "recipe.batch_size")
+    tuner = FineTuner(job, recipe, engine_cfg, device)  # data, encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-    tuner = FineTuner(job, recipe, engine_cfg, device)
     if distributed.rank() == 0 and tuner.report is not None:
         print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
     result = tuner.fit()
@@ -296,7 +318,22 @@ def main(
     return result
 
 
-if __name__ == "__main__":
-    import fire
+_REQUIRED = ("--encoder", "--dataset", "--data")
 
-    fire.Fire(main, serialize=lambda result: None)
+
+def describe() -> str:
+    from dtm_ds import cli
+
+    usage = __doc__.split("Recipe per dataset")[0]
+    return cli.describe(usage, [
+        ("Options", cli.function_rows(main, skip=("local_rank",))),
+        ("Job (--<field>=value)", [r for r in cli.dataclass_rows(Job) if r[0] not in _REQUIRED]),
+        ("Recipe (--recipe.<field>=value; defaults before the dataset's recipe, see eval/recipes.py)",
+         cli.dataclass_rows(Recipe, "recipe.")),
+    ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    from dtm_ds.cli import run
+
+    run(main, describe)

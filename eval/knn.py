@@ -14,11 +14,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fire
 import torch
 import torch.nn.functional as F
 
-from eval.features import Probe, frozen_features
+from eval.features import Probe, frozen_features, make_probe
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
@@ -34,9 +33,14 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
 
 
 def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dict:
-    """k-NN top-1 of ``encoder`` (a run directory or an exported state dict). Options: the fields of
-    :class:`eval.features.Probe` (train, val, dataset, eval_split, train_per_class, random_init, ...)."""
-    probe = Probe(encoder, **options)
+    """k-NN top-1 of ``encoder``; more options: the probe fields.
+
+    Args:
+        encoder: a pretraining run folder (its latest checkpoint) or an export.
+        k: neighbours that vote.
+        temperature: votes weigh exp(cosine / temperature).
+    """
+    probe = make_probe(encoder, options)
     train_x, train_y, test_x, test_y, _ = frozen_features(probe)
     train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
     result = {
@@ -51,5 +55,14 @@ def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dic
     return result
 
 
+def describe() -> str:
+    from dtm_ds import cli
+
+    rows = [r for r in cli.dataclass_rows(Probe) if r[0] != "--encoder"]
+    return cli.describe(__doc__, [("Options", cli.function_rows(main)), ("Probe (--<field>=value)", rows)])
+
+
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda result: None)
+    from dtm_ds.cli import run
+
+    run(main, describe)

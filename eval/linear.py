@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from eval.classifier import accuracy
-from eval.features import Probe, frozen_features
+from eval.features import Probe, frozen_features, make_probe
 
 
 def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1e-3, batch: int = 256, seed: int = 0):
@@ -39,9 +39,14 @@ def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1
 
 
 def main(encoder: str, epochs: int = 100, lr: float = 1e-3, **options) -> dict:
-    """Linear-probe top-1/top-5 of ``encoder``. Options: the fields of :class:`eval.features.Probe`
-    (train, val, dataset, eval_split, blocks, train_per_class, random_init, ...)."""
-    probe = Probe(encoder, **options)
+    """Linear-probe top-1/top-5 of ``encoder``; more options: the probe fields.
+
+    Args:
+        encoder: a pretraining run folder (its latest checkpoint) or an export.
+        epochs: passes over the cached training features.
+        lr: peak AdamW lr (cosine to 0).
+    """
+    probe = make_probe(encoder, options)
     train_x, train_y, test_x, test_y, classes = frozen_features(probe)
     linear = train_probe(train_x, train_y, classes, epochs, lr, seed=probe.seed)
     with torch.no_grad():
@@ -59,7 +64,14 @@ def main(encoder: str, epochs: int = 100, lr: float = 1e-3, **options) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    import fire
+def describe() -> str:
+    from dtm_ds import cli
 
-    fire.Fire(main, serialize=lambda result: None)
+    rows = [r for r in cli.dataclass_rows(Probe) if r[0] != "--encoder"]
+    return cli.describe(__doc__, [("Options", cli.function_rows(main)), ("Probe (--<field>=value)", rows)])
+
+
+if __name__ == "__main__":
+    from dtm_ds.cli import run
+
+    run(main, describe)

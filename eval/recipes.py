@@ -15,26 +15,39 @@ from dataclasses import dataclass
 @dataclass
 class Recipe:
     epochs: int = 100
+    """Length of the schedule in epochs."""
     batch_size: int = 1024
     """Global batch; the DeepSpeed JSON's micro batch x accumulation x world must agree."""
     lr: float = 5e-4
     """Peak lr at batch 256, scaled linearly by batch / 256 (BEiT/MAE practice)."""
     min_lr: float = 1e-6
+    """Floor of the cosine schedule."""
     warmup_epochs: float = 5
+    """Linear warm-up, in epochs."""
     weight_decay: float = 0.05
+    """AdamW weight decay (none on biases, norms, tokens and relative-position tables)."""
     layer_decay: float = 0.65
+    """Layer-wise lr decay: block i of L gets layer_decay ** (L + 1 - i) of the head's lr."""
     drop_path: float = 0.1
+    """Stochastic depth rate of the last block."""
     img_size: int = 224
+    """Training and evaluation resolution."""
     crop_pct: float = 0.875
+    """Evaluation: resize to img_size / crop_pct, then centre-crop img_size."""
     scale: tuple[float, float] = (0.08, 1.0)
     """RandomResizedCrop area range (timm's default)."""
     mixup: float = 0.8
+    """Mixup alpha (0: off)."""
     cutmix: float = 1.0
+    """CutMix alpha (0: off)."""
     smoothing: float = 0.1
+    """Label smoothing."""
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment policy (None: colour jitter instead)."""
     color_jitter: float = 0.4
     """timm's colour jitter (used when auto_augment is None)."""
     reprob: float = 0.25
+    """Random erasing probability."""
 
 
 RECIPES = {

@@ -2,8 +2,8 @@
 
     python eval/seg/train.py --encoder outputs/pretrain_vitb --data data/ADEChallengeData2016
     torchrun --nproc_per_node 8 eval/seg/train.py --launcher pytorch --encoder ... --data ...
-    python eval/seg/train.py --test_only --checkpoint outputs/eval/ade20k/iter_160000.pth --encoder ... \
-        --data ... [--multi_scale]
+    python eval/seg/train.py --test_only --checkpoint outputs/eval/ade20k/iter_160000.pth --encoder ...
+        --data ... [--multi_scale]        (one line)
 
 The config is eval/seg/configs/upernet_dtm_ade20k.py; the flags below scale it (crop, iterations,
 total batch split over the GPUs, lr, layer decay). A run resumes from the last checkpoint in
@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import fire  # noqa: E402
 import torch  # noqa: E402
 
 import eval.seg  # noqa: E402,F401  (mmcv-lite shim before any mmseg import)
@@ -71,7 +70,30 @@ def build_cfg(
     seed: int = 0,
     config: str | Path = CONFIG,
 ):
-    """The mmengine Config for one run; every number the command line sets is written here."""
+    """The mmengine Config for one run; every number the command line sets is written here.
+
+    Args:
+        data: ADEChallengeData2016 root (images/ and annotations/, training and validation).
+        output_dir: the run folder (checkpoints, logs, eval.jsonl); a re-run resumes it.
+        encoder: a pretraining run folder or an export (its architecture and weights).
+        arch: a preset (vits, vitb, ...) for a randomly initialised encoder, without --encoder.
+        crop: training crop and sliding-window side, pixels.
+        max_iters: training iterations.
+        batch_size: total batch over all processes.
+        lr: peak AdamW lr.
+        weight_decay: AdamW weight decay.
+        layer_decay: layer-wise lr decay (mmseg's layer_wise_vit constructor).
+        warmup_iters: linear warm-up iterations before the poly decay.
+        val_interval: iterations between validations (single-scale mIoU).
+        checkpoint_interval: iterations between checkpoints.
+        drop_path: stochastic depth rate of the encoder.
+        workers: DataLoader workers per process.
+        log_interval: iterations between log lines.
+        amp: mixed precision, bf16 or fp16 (None: fp32).
+        launcher: none (one process) or pytorch (torchrun).
+        seed: seed of the run.
+        config: the mmengine config file to start from.
+    """
     from mmengine.config import Config
 
     model = encoder_config(encoder) if encoder else build_config(arch or "").model
@@ -144,7 +166,16 @@ def main(
     **kwargs,
 ):
     """Train (resuming from ``output_dir``) then evaluate; with ``test_only`` evaluate ``checkpoint``.
-    Other flags: see ``build_cfg``."""
+
+    Args:
+        data: ADEChallengeData2016 root (images/ and annotations/, training and validation).
+        output_dir: the run folder (checkpoints, logs, eval.jsonl); a re-run resumes it.
+        test_only: only evaluate --checkpoint on the validation split.
+        checkpoint: an iter_*.pth or best_*.pth to evaluate (with --test_only).
+        multi_scale: with --test_only: 6 scales x flip instead of single-scale.
+        scan_labels: check every annotation's values before training (rank 0).
+    """
+    kwargs = _check_flags(kwargs)
     from mmengine.runner import Runner
 
     if test_only and (not checkpoint or not Path(checkpoint).is_file()):
@@ -167,5 +198,32 @@ def main(
     runner.train()
 
 
+def _check_flags(flags: dict) -> dict:
+    """``build_cfg``'s flags, each checked against its annotation; unknown ones with a suggestion."""
+    import difflib
+    import inspect
+
+    from dtm_ds.config import coerce
+
+    params = inspect.signature(build_cfg).parameters
+    kinds = {k: p.annotation for k, p in params.items() if k not in ("data", "output_dir")}
+    unknown = sorted(set(flags) - set(kinds))
+    if unknown:
+        hints = "".join(
+            f"; {k!r}: did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, kinds, 1))
+        )
+        raise ValueError(f"unknown flags {unknown}{hints} (--help lists them)")
+    return {k: coerce(k, v, kinds[k]) for k, v in flags.items()}
+
+
+def describe() -> str:
+    from dtm_ds import cli
+
+    scaling = cli.function_rows(build_cfg, skip=("data", "output_dir"))
+    return cli.describe(__doc__, [("Options", cli.function_rows(main)), ("Config scaling", scaling)])
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    from dtm_ds.cli import run
+
+    run(main, describe)

@@ -233,13 +233,15 @@ def test_sigkill_resume_is_exact_with_ffcv_and_with_zero2_bf16(images, beton, tm
 
 @pytest.mark.faults_slow
 def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
-    """20 rounds, each a fresh run killed at a moment drawn at random: after a random delay (start-up,
-    training, a checkpoint write or its publication), or inside the write of a random checkpoint at a
-    random fraction of its bytes. Each resumes with the same command (no hand) and its per-step losses
-    equal the uninterrupted run's."""
+    """20 rounds, each a fresh run killed at a moment drawn at random: at a uniform time within the
+    training part of the run (a step, a checkpoint write or its publication), or inside the write of a
+    random checkpoint at a random fraction of its bytes. Each resumes with the same command (no hand)
+    and its per-step losses equal the uninterrupted run's."""
     ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
-    _run(_train_cmd(images, tmp_path / "reference", ds, 20, *LONG, "--run.save_every=2"))
-    reference, rng = _losses(tmp_path / "reference"), random.Random(0)
+    proc = _start(_train_cmd(images, tmp_path / "reference", ds, 20, *LONG, "--run.save_every=2"))
+    first = _first_metrics(tmp_path / "reference", proc)
+    proc.communicate(timeout=300)
+    training_s, reference, rng = time.time() - first, _losses(tmp_path / "reference"), random.Random(0)
     for round_ in range(20):
         out = tmp_path / f"round{round_}"
         cmd = _train_cmd(images, out, ds, 20, *LONG, "--run.save_every=2")
@@ -247,15 +249,23 @@ def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
             how = {"kill_in_save": 2 * rng.randint(1, 9), "fraction": round(rng.random(), 3)}
             assert _run(cmd, env=_env(how), check=False).returncode == -signal.SIGKILL
         else:
-            how = {"delay_s": round(rng.uniform(2, 12), 2)}
+            how = {"after_first_step_s": round(rng.uniform(0, training_s), 3)}
             proc = _start(cmd)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=how["delay_s"])
+            _first_metrics(out, proc)
+            time.sleep(how["after_first_step_s"])
             _stop(proc, proc.pid, signal.SIGKILL)
-        killed_at = max(_losses(out), default=0) if (out / "metrics.jsonl").exists() else 0
+        killed_at = max(_losses(out), default=0)
         _run(cmd)
         assert _losses(out) == reference, how
         print(f"round {round_}: killed by {how} after step {killed_at}; resumed run equal over 20 steps")
+
+
+def _first_metrics(out: Path, proc: subprocess.Popen) -> float:
+    """Wait for the first logged step; its time."""
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    return time.time()
 
 
 def test_distributed_evaluation_counts_every_image_once(pretrained, tmp_path):

@@ -1,0 +1,126 @@
+"""Command-line plumbing shared by every entrypoint: ``--help`` that lists the options, and user errors
+as one line.
+
+``run(main, describe)`` is ``fire.Fire(main)`` plus two rules:
+
+* ``-h`` / ``--help`` anywhere print ``describe()`` (each option with its type, default and one-line
+  description) and exit 0;
+* a user error (a bad value, a missing file, an inconsistent config: ``ValueError``, ``OSError``
+  subclasses and ``CheckpointError`` raised by this repository's code) prints ``error: <message>``
+  on rank 0 and exits 2. ``DTM_TRACEBACK=1`` shows the traceback instead. Errors raised inside a
+  library (bugs, ours or theirs) keep their traceback.
+"""
+
+import ast
+import dataclasses
+import inspect
+import os
+import sys
+import textwrap
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def run(main: Callable, describe: Callable[[], str]) -> None:
+    import fire
+
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(describe())
+        sys.exit(0)
+    try:
+        fire.Fire(main, serialize=lambda result: None)
+    except Exception as err:
+        if os.environ.get("DTM_TRACEBACK") or not is_user_error(err):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A user error: raised by this repository's own code (not a library's), of a user-error type."""
+    from dtm_ds.checkpoint import CheckpointError
+
+    if not isinstance(err, (*USER_ERRORS, CheckpointError)):
+        return False
+    frames = traceback.extract_tb(err.__traceback__)
+    origin = Path(frames[-1].filename).resolve() if frames else ROOT
+    return ROOT in origin.parents and ".venv" not in origin.parts
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the string literal that follows it)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def dataclass_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(flag, type, default, doc) of every field of ``cls``."""
+    docs, rows = field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "required"
+        rows.append((f"--{prefix}{f.name}", _type_name(f.type), default, docs.get(f.name, "")))
+    return rows
+
+
+def function_rows(fn: Callable, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
+    """(flag, type, default, doc) of every named parameter of ``fn``, described by its docstring's
+    ``Args:`` section."""
+    docs, rows = arg_docs(fn), []
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in skip:
+            continue
+        default = "required" if p.default is p.empty else repr(p.default)
+        rows.append((f"--{name}", _type_name(p.annotation), default, docs.get(name, "")))
+    return rows
+
+
+def arg_docs(fn: Callable) -> dict[str, str]:
+    """``{name: description}`` from a Google-style ``Args:`` section (continuation lines indented deeper)."""
+    lines, docs, name, inside = inspect.getdoc(fn).splitlines(), {}, None, False
+    for line in lines:
+        if line.strip() == "Args:":
+            inside = True
+        elif inside and line.startswith("    ") and not line.startswith("     ") and ":" in line:
+            name, text = line.strip().split(":", 1)
+            docs[name] = text.strip()
+        elif inside and line.startswith("     ") and name:
+            docs[name] += " " + line.strip()
+        elif inside and line.strip():
+            inside = False
+    return docs
+
+
+def describe(usage: str, sections: list[tuple[str, list[tuple[str, str, str, str]]]]) -> str:
+    """The help text: usage, then one table per section."""
+    out = [usage.strip(), ""]
+    for title, rows in sections:
+        out.append(f"{title}:")
+        width = max(len(flag) for flag, *_ in rows) + 2
+        for flag, kind, default, doc in rows:
+            out.append(f"  {flag:<{width}}{kind} = {default}")
+            if doc:
+                indent = " " * (width + 4)
+                out.extend(textwrap.wrap(doc, 100, initial_indent=indent, subsequent_indent=indent))
+        out.append("")
+    out.append("Errors print one 'error: ...' line and exit 2; DTM_TRACEBACK=1 shows the traceback.")
+    return "\n".join(out)
+
+
+def _type_name(annotation) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "any"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
