@@ -1,0 +1,130 @@
+"""The command lines as a newcomer meets them: --help on every entrypoint, and user mistakes reported as
+one ``error:`` line with exit code 2, before anything is written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_class_folder
+from tests.test_train import ROOT, _ds_json, _env
+
+TRAIN = [sys.executable, "dtm_ds/train.py"]
+FINETUNE = [sys.executable, "eval/finetune.py"]
+KNN = [sys.executable, "eval/knn.py"]
+LINEAR = [sys.executable, "eval/linear.py"]
+SEG = [sys.executable, "eval/seg/train.py"]
+
+HELP = {
+    "train": (TRAIN, ["--ds_config", "--model", "--max_steps", "--optim.lr", "--dtm.n_max", "--run.save_every"]),
+    "finetune": (FINETUNE, ["--encoder", "--dataset", "--ds_config", "--max_epochs", "--recipe.lr", "--recipe.mixup"]),
+    "knn": (KNN, ["--encoder", "--k", "--temperature", "--train", "--val", "--random_init"]),
+    "linear": (LINEAR, ["--encoder", "--epochs", "--blocks", "--train_per_class"]),
+    "seg": (SEG, ["--data", "--test_only", "--crop", "--max_iters", "--batch_size", "--lr", "--layer_decay", "--amp"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP))
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_documented_flag(command, flag):
+    cmd, flags = HELP[command]
+    done = subprocess.run([*cmd, flag], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in flags:
+        assert f"  {name} " in done.stdout, name
+    assert "DTM_TRACEBACK=1 shows the traceback" in done.stdout and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    write_class_folder(tmp / "imgs", {"a": 8, "b": 8}, size=(40, 40))
+    ok = json.loads(Path(_ds_json(tmp / "ok.json", 8)).read_text())
+    misspelt = dict(ok)
+    misspelt["zero_optimisation"] = misspelt.pop("zero_optimization")
+    (tmp / "zero_optimisation.json").write_text(json.dumps(misspelt))
+    micro = dict(ok)
+    micro["train_micro_batch_size_per_gpus"] = micro.pop("train_micro_batch_size_per_gpu")
+    (tmp / "micro.json").write_text(json.dumps(micro))
+    return tmp
+
+
+def _train(tmp, *extra):
+    return [*TRAIN, "--ds_config", str(tmp / "ok.json"), "--model", "tiny", "--output_dir", str(tmp / "out"),
+            f"--data.path={tmp / 'imgs'}", "--data.workers=0", *extra]  # fmt: skip
+
+
+MISTAKES = {  # name: (command from the inputs folder, text the error line must contain)
+    "int field given text": (lambda t: _train(t, "--run.save_every=abc"), "run.save_every expects int, got 'abc'"),
+    "list field given a number": (lambda t: _train(t, "--dtm.n_max=64"), "dtm.n_max expects list[int]"),
+    "misspelt field": (lambda t: _train(t, "--optim.learning_rate=1"), "did you mean 'optim.lr'?"),
+    "field in the wrong section": (lambda t: _train(t, "--model.epochs=3"), "did you mean 'optim.epochs'?"),
+    "unknown preset": (lambda t: _train(t, "--model", "vitx"), "unknown model preset 'vitx'"),
+    "missing DeepSpeed JSON": (lambda t: [*_train(t), "--ds_config", str(t / "nope.json")], "nope.json does not exist"),
+    "misspelt ZeRO block": (lambda t: [*_train(t), "--ds_config", str(t / "zero_optimisation.json")],
+                            "unknown key 'zero_optimisation'; did you mean 'zero_optimization'?"),
+    "misspelt micro batch": (lambda t: [*_train(t), "--ds_config", str(t / "micro.json")],
+                             "did you mean 'train_micro_batch_size_per_gpu'?"),
+    "missing data": (lambda t: _train(t, "--data.path=/nowhere/imgs"), "/nowhere/imgs"),
+    "clip teacher without weights": (lambda t: _train(t, "--teacher.name=clip:ViT-B-16"), "needs teacher.weights"),
+    "missing teacher weights": (lambda t: _train(t, "--teacher.name=clip:ViT-B-16", "--teacher.weights=/nowhere/w.pt"),
+                                "/nowhere/w.pt does not exist"),
+    "fine-tune: recipe field given text": (lambda t: [*FINETUNE, "--encoder", "x", "--dataset", "fmnist", "--data",
+                                           "fashion_mnist", "--recipe.epochs=abc", "--output_dir", str(t / "out")],
+                                           "recipe.epochs expects int, got 'abc'"),
+    "fine-tune: unknown dataset": (lambda t: [*FINETUNE, "--encoder", "x", "--dataset", "mnist", "--data", "y",
+                                              "--output_dir", str(t / "out")], "unknown dataset 'mnist'"),
+    "fine-tune: missing encoder": (lambda t: [*FINETUNE, "--encoder", "/nowhere/run", "--dataset", "fmnist",
+                                              "--data", "fashion_mnist", "--recipe.batch_size=8", "--ds_config",
+                                              str(t / "ok.json"), "--output_dir", str(t / "out")], "/nowhere/run"),
+    "k-NN: misspelt option": (lambda t: [*KNN, "--encoder", "x", "--block=2"], "'block': did you mean 'blocks'?"),
+    "linear: option given text": (lambda t: [*LINEAR, "--encoder", "x", "--blocks=two"], "blocks expects int"),
+    "ADE20K: misspelt flag": (lambda t: [*SEG, "--data", "x", "--crops", "3", "--output_dir", str(t / "out")],
+                              "'crops': did you mean 'crop'?"),
+    "ADE20K: missing data": (lambda t: [*SEG, "--data", "/nowhere/ade", "--output_dir", str(t / "out")],
+                             "/nowhere/ade"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+def test_a_user_mistake_is_one_error_line_exit_2_and_writes_nothing(inputs, mistake):
+    make, expected = MISTAKES[mistake]
+    done = subprocess.run(make(inputs), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (inputs / "out").exists()
+
+
+def test_the_traceback_is_one_switch_away(inputs):
+    env = _env() | {"DTM_TRACEBACK": "1"}
+    done = subprocess.run(_train(inputs, "--run.save_every=abc"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "run.save_every expects int" in done.stderr
+
+
+def test_deepspeed_keys_cover_what_deepspeed_reads():
+    """Every top-level key DeepSpeedConfig looks up is in DEEPSPEED_KEYS (a DeepSpeed upgrade that reads a
+    new key fails here, not in a user's run)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from dtm_ds.engine import DEEPSPEED_KEYS
+
+    class Recording(dict):
+        seen: set = set()
+
+        def get(self, key, default=None):
+            self.seen.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            self.seen.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            self.seen.add(key)
+            return super().__getitem__(key)
+
+    DeepSpeedConfig(Recording(json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())))
+    assert Recording.seen - DEEPSPEED_KEYS == set() and len(Recording.seen) > 40
