@@ -51,16 +51,18 @@ bench: $(STAMP)
 	set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f; done
 
 # Pretraining on GPUs: make pretrain MODEL=vitb DATA=train.beton TEACHER_WEIGHTS=ViT-B-16.pt NGPUS=8
+# (TEACHER overrides the preset's teacher, e.g. TEACHER=clip:ViT-L-14; tiny keeps its weight-free pixels one)
 MODEL ?= vitb
 NGPUS ?= 1
 DS_CONFIG ?= ds_configs/zero2_bf16.json
-TEACHER ?= clip:ViT-B-16
+TEACHER ?=
 OUT ?= outputs/pretrain_$(MODEL)
 pretrain: $(STAMP)
-	@test -n "$(DATA)" || { echo "set DATA=<train .beton> (make data-imagenet writes one)"; exit 2; }
+	@test -n "$(DATA)" || { echo "error: set DATA=<train .beton> (make data-imagenet writes one)"; exit 2; }
+	@test -z "$(TEACHER_WEIGHTS)" -o -f "$(TEACHER_WEIGHTS)" || { echo "error: TEACHER_WEIGHTS=$(TEACHER_WEIGHTS) does not exist"; exit 2; }
 	$(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) dtm_ds/train.py \
 	  --ds_config $(DS_CONFIG) --model $(MODEL) --output_dir $(OUT) --data.path=$(DATA) \
-	  --teacher.name=$(TEACHER) $(if $(TEACHER_WEIGHTS),--teacher.weights=$(TEACHER_WEIGHTS)) $(ARGS)
+	  $(if $(TEACHER),--teacher.name=$(TEACHER)) $(if $(TEACHER_WEIGHTS),--teacher.weights=$(TEACHER_WEIGHTS)) $(ARGS)
 
 # ImageNet -> FFCV: make data-imagenet IMAGENET=/data/imagenet OUT_DATA=data
 OUT_DATA ?= data

@@ -8,8 +8,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -33,6 +36,7 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        _announce_op_build()
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -43,6 +47,16 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
+
+
+def _announce_op_build() -> None:
+    """DeepSpeed JIT-builds its CPU communication op on first use. Keep the build in one cache (the
+    Makefile's: <repo>/.cache/torch_extensions) whatever the entry point, and say so when it must be
+    built, rather than sitting silent for a minute."""
+    folder = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")))
+    if not any(folder.glob("deepspeed_shm_comm/*.so")) and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"building DeepSpeed's CPU communication op in {folder} (about a minute, once)", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def from_slurm(env: dict | None = None) -> dict:
