@@ -156,7 +156,7 @@ class FineTuner:
         batches = iter(self.loader(True, s["epoch"], s["epoch_step"] * self.accum))
         while s["epoch_step"] < self.steps_per_epoch:
             lrs = set_lr(self.optimizer, self.lr(self.engine.global_steps - s["skipped"]))
-            level_sum, dropped, stop = 0.0, False, False
+            loss_sum, dropped, stop = 0.0, False, False
             for m in range(self.accum):
                 images, labels = next(batches)
                 for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path
@@ -173,14 +173,14 @@ class FineTuner:
                 self.optimizer.skip_next = dropped and m == self.accum - 1
                 self.engine.step()
                 self.optimizer.skip_next, self.micro_steps = False, self.micro_steps + 1
-                level_sum = level_sum + loss.detach()
+                loss_sum = loss_sum + loss.detach()
             s["epoch_step"] += 1
             s["skipped"] += int(dropped)
             if not dropped:  # on the device: no host sync
-                self.epoch_loss += torch.stack([level_sum.double() / self.accum, torch.ones_like(self.epoch_loss[0])])
+                self.epoch_loss += torch.stack([loss_sum.double() / self.accum, torch.ones_like(self.epoch_loss[0])])
             step = self.engine.global_steps - s["skipped"]
             if not dropped and step % self.job.log_every == 0:
-                loss = distributed.mean_tensor(level_sum / self.accum).item()
+                loss = distributed.mean_tensor(loss_sum / self.accum).item()
                 log.step(step, {"loss": loss, "lr": max(lrs), "lr_groups": lrs, "epoch": s["epoch"]},
                          self.engine.train_batch_size(), world=distributed.world())  # fmt: skip
             if stop:
@@ -204,7 +204,7 @@ class FineTuner:
             with checkpoint.weights_only():
                 folder = str(checkpoint.checkpoint_dir(self.output_dir))
                 _, client = self.engine.load_checkpoint(folder, tag, load_lr_scheduler_states=False)
-            self.state = {k: client[k] for k in self.state}
+            self.state = {k: client.get(k, v) for k, v in self.state.items()}  # older runs: epoch, best_top1
         self.epoch_loss = torch.tensor(self.state["epoch_loss"], dtype=torch.float64, device=self.device)
         self.micro_steps, self.stop_requested = 0, False
         last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
