@@ -113,7 +113,7 @@ class FineTuner:
 
     def _engine(self, model, ds_config: dict):
         r = self.recipe
-        self.peak = r.lr * ds_config["train_batch_size"] / 256
+        self.peak = r.lr * ds_config["train_batch_size"] / r.lr_batch  # the recipe's lr at its own batch
         groups = param_groups_layer_decay(model, r.weight_decay, model.no_weight_decay(), layer_decay=r.layer_decay)
         self.total, self.warmup = r.epochs * self.steps_per_epoch, round(r.warmup_epochs * self.steps_per_epoch)
         self.engine, self.optimizer = build_engine(model, groups, ds_config)
@@ -307,8 +307,11 @@ def main(
     engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size, "recipe.batch_size")
     tuner = FineTuner(job, recipe, engine_cfg, device)  # data, encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0 and tuner.report is not None:
-        print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
+    if distributed.rank() == 0:
+        print(f"peak lr {tuner.peak:g} = recipe.lr {recipe.lr:g} x global batch {engine_cfg['train_batch_size']} / "
+              f"recipe.lr_batch {recipe.lr_batch} (linear scaling)", flush=True)  # fmt: skip
+        if tuner.report is not None:
+            print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
     result = tuner.fit()
     for sig in (signal.SIGTERM, signal.SIGINT):  # saved and done: a late stop signal must not turn exit 0 into -15
         signal.signal(sig, signal.SIG_IGN)

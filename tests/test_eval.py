@@ -45,6 +45,7 @@ def test_finetune_through_deepspeed_resumes_exactly(pretrained, tmp_path):
     assert (
         "new (randomly initialised) keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in done.stdout
     )
+    assert "peak lr 0.00015625 = recipe.lr 0.00125 x global batch 8 / recipe.lr_batch 64" in done.stdout
     first = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert len(first) == 1 and 0 <= first[0]["top1"] <= first[0]["top5"] <= 100 and first[0]["step"] == 2
     assert (out / "checkpoints" / "best").is_dir() and (out / "checkpoints" / "latest").read_text() == "epoch00000001"
