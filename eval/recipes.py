@@ -4,10 +4,10 @@ Sources: ImageNet-1K is the BEiT v2 / DTM ViT-B recipe of shared/DESIGN.md §2 (
 absolute at that batch, as BEiT v2's get_started_for_image_classification.md and DTM's Evaluation.md pass
 ``--lr``; no batch / 256 scaling), layer decay 0.65, drop path 0.1, mixup 0.8, cutmix 1.0, smoothing 0.1,
 RandAugment m9, erasing 0.25, 100 epochs). iNaturalist 2018/2019 follow the MAE transfer practice of
-reusing the ImageNet recipe (MAE, He et al. 2022, appendix A.3: 100 epochs, layer decay 0.75). The fine-
-grained sets follow the common MIM transfer practice for small sets (as in BEiT/iBOT transfer tables):
-smaller batch, lower lr, longer schedules. ``fmnist`` is this repository's CPU check on 32 px Fashion-
-MNIST (no RandAugment on grey images, no mixup on a few hundred steps).
+reusing the ImageNet recipe (MAE, He et al. 2022, appendix A.3: 100 epochs, layer decay 0.75). The
+fine-grained sets follow the common MIM transfer practice for small sets (as in BEiT/iBOT transfer
+tables): smaller batch, lower lr, longer schedules. ``fmnist`` is this repository's CPU check on 32 px
+Fashion-MNIST (no RandAugment on grey images, no mixup on a few hundred steps).
 """
 
 from dataclasses import dataclass
