@@ -138,7 +138,7 @@ class Trainer:
             self.micro += 1
             data_start = time.perf_counter()
         out = {"levels": level_sum / self.accum, "lrs": lrs, "dropped": dropped, "stop": stop}
-        return out | {"local_norm": local_norm, "times": clock.times}
+        return out | {"local_norm": local_norm, "times": clock.times, "images": batch["images"]}
 
     def fit(self) -> dict[str, float]:
         run, s = self.config.run, self.state
@@ -172,7 +172,7 @@ class Trainer:
                     tokens = self.config.model.grid**2
                     log.step(s.step, last, self.engine.train_batch_size(), self.flops_per_image, tokens, self.world)
                 if run.vis_every and s.step % run.vis_every == 0 and self.rank == 0:
-                    self.log_picture(log, s.step)
+                    self.log_picture(log, s.step, out["images"])
                 if s.step % run.save_every == 0 and s.step < self.max_steps and not stop:
                     saved = self.save(watchdog)
             if s.epoch_step == self.steps_per_epoch:
@@ -201,11 +201,10 @@ class Trainer:
             values["loss_scale"] = float(self.engine.optimizer.cur_scale)
         return values | {"epoch": self.state.epoch, "skipped_windows": self.state.skipped_windows} | memory
 
-    def log_picture(self, log: RunLog, step: int) -> None:
+    def log_picture(self, log: RunLog, step: int, images: torch.Tensor) -> None:
         from dtm_ds.visualize import morph_figure
 
-        batch = next(self.loader.epoch(self.state.epoch, 0))
-        log.image(step, morph_figure(batch["images"][:4], self.teacher, self.config, self.schedule_for(0, 0)))
+        log.image(step, morph_figure(images[:4], self.teacher, self.config, self.schedule_for(0, 0)))
 
     def save(self, watchdog) -> int:
         s = self.state
