@@ -22,6 +22,7 @@ from tests.faults.test_faults import _torchrun, _wait_for_step, _worker_pids
 from tests.test_train import ROOT, _ds_json, _env, _losses, _train_cmd
 
 LONG = ("--optim.epochs=100",)  # a schedule far longer than the test: stops happen mid-run
+STEPS = 60  # the kill fuzz's run length
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +262,6 @@ def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
         _run(cmd)
         assert _losses(out) == reference, how
         print(f"round {round_}: killed by {how} after step {killed_at}; resumed run equal over {STEPS} steps")
-
-
-STEPS = 60
 
 
 def _first_metrics(out: Path, proc: subprocess.Popen) -> float:
