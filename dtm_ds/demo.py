@@ -1,4 +1,4 @@
-"""``make demo``: a real, small, end-to-end DTM run on a CPU-only machine (about 10 minutes on 2 cores).
+"""``make demo``: a real, small, end-to-end DTM run on a CPU-only machine (about 2 minutes on 2 cores).
 
 Fashion-MNIST (Debian package) -> .beton -> ``tiny`` student with the ``pixels`` teacher through the
 DeepSpeed engine -> checkpoint -> weighted k-NN on the test set for the pretrained encoder and for the

@@ -322,9 +322,16 @@ def main(
             )
             print(json.dumps({"done": True, "step": done, "loss": None}), flush=True)
         return
-    if tag and checkpoint.zero_ranks(config.run.output_dir, tag) not in (0, distributed.world()):
+    saved_on = checkpoint.zero_ranks(config.run.output_dir, tag) if tag else 0
+    if saved_on not in (0, distributed.world()):
         # a ZeRO checkpoint of another number of ranks: its optimizer state is partitioned per rank, so it
         # goes through DeepSpeed's universal format (stage 0 keeps it whole and loads on any world)
+        if engine_cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise checkpoint.CheckpointError(
+                f"{tag} was saved by {saved_on} ranks with ZeRO-3; DeepSpeed's universal checkpoint does not restore "
+                f"ZeRO-3's optimizer state exactly on another number of ranks (per-step losses drift, 2e-5 after "
+                f"one step on the tiny preset). Resume on {saved_on} ranks, or use ZeRO-1/2 for runs that change size"
+            )
         engine_cfg["checkpoint"] = engine_cfg.get("checkpoint", {}) | {"load_universal": True}
         trainer.ds_config = engine_cfg
         tag = distributed.on_rank0(lambda: checkpoint.to_universal(config.run.output_dir, tag))
