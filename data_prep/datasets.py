@@ -124,7 +124,7 @@ def flowers(root: str | Path, split: str) -> Listing:
 def pets(root: str | Path, split: str) -> Listing:
     """Oxford-IIIT Pets: annotations/{trainval,test}.txt (``<name> <class 1..37> <species> <breed>``)."""
     root = Path(root)
-    name = "test" if split == "test" else "trainval"
+    name = "trainval" if split in ("train", "trainval") else "test"
     rows = _lines(root / "annotations" / f"{name}.txt")
     rows = [r for r in rows if not r[0].startswith("#")]
     breeds = {int(r[1]) - 1: r[0].rsplit("_", 1)[0] for r in rows}
@@ -150,6 +150,16 @@ READERS = {
 }
 
 
+NO_VAL = ("cub", "cars", "pets")
+"""Sets published with a train(val) / test split only: their held-out split is test, so ``val`` reads
+test (``resolved_split`` says so); ``train`` reads the whole training part. Never training images."""
+
+
+def resolved_split(name: str | None, split: str) -> str:
+    """The split ``load(name, root, split)`` actually reads."""
+    return "test" if name in NO_VAL and split == "val" else split
+
+
 def load(name: str, root: str | Path, split: str) -> Listing:
     """The listing of dataset ``name`` under ``root`` for ``split`` (train, val, test or trainval)."""
     if name not in READERS:
@@ -158,7 +168,7 @@ def load(name: str, root: str | Path, split: str) -> Listing:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not Path(root).is_dir():
         raise FileNotFoundError(f"{name} root {root} does not exist (README: Downstream evaluation, layouts)")
-    return READERS[name](root, split)
+    return READERS[name](root, resolved_split(name, split))
 
 
 def open_listing(source: str | Path, split: str, dataset: str | None = None) -> Listing:

@@ -66,13 +66,22 @@ def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
     return model.eval()
 
 
+def evaluated_split(probe: Probe) -> str:
+    """The split of ``probe.val`` the probe evaluates on (named in every result)."""
+    from data_prep.datasets import resolved_split
+
+    return "test" if probe.val == "fashion_mnist" else resolved_split(probe.dataset, probe.eval_split)
+
+
 def frozen_features(probe: Probe):
     """(train_x, train_y, test_x, test_y, number of classes) for ``probe``."""
     model = load_encoder(probe.encoder, probe.random_init, probe.seed)
     if not 1 <= probe.blocks <= len(model.blocks):
         raise ValueError(f"blocks = {probe.blocks}, but {probe.encoder} has {len(model.blocks)} blocks (use 1..that)")
     train_set = select(open_listing(probe.train, "train", probe.dataset), per_class=probe.train_per_class)
-    split = "test" if probe.val == "fashion_mnist" else probe.eval_split
+    split = evaluated_split(probe)
+    if split in ("train", "trainval"):
+        raise ValueError(f"eval_split {probe.eval_split!r} is training data; evaluate on val or test")
     test_set = open_listing(probe.val, split, probe.dataset)
     train_x, train_y = extract(model, train_set, probe.crop_ratio, probe.blocks, workers=probe.workers, name="train")
     test_x, test_y = extract(model, test_set, probe.crop_ratio, probe.blocks, workers=probe.workers, name=split)

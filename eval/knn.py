@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 import torch.nn.functional as F
 
-from eval.features import Probe, frozen_features, make_probe
+from eval.features import Probe, evaluated_split, frozen_features, make_probe
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
@@ -49,6 +49,7 @@ def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dic
         "k": k,
         "train": len(train_y),
         "val": len(test_y),
+        "eval_split": evaluated_split(probe),
         "top1": round(100 * knn_accuracy(train_x, train_y, test_x, test_y, k, temperature), 2),
     }
     print(json.dumps(result), flush=True)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from eval.classifier import accuracy
-from eval.features import Probe, frozen_features, make_probe
+from eval.features import Probe, evaluated_split, frozen_features, make_probe
 
 
 def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1e-3, batch: int = 256, seed: int = 0):
@@ -57,6 +57,7 @@ def main(encoder: str, epochs: int = 100, lr: float = 1e-3, **options) -> dict:
         "blocks": probe.blocks,
         "train": len(train_y),
         "val": len(test_y),
+        "eval_split": evaluated_split(probe),
         "top1": round(100 * top1 / len(test_y), 2),
         "top5": round(100 * top5 / len(test_y), 2),
     }

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from data_prep.datasets import load
+from data_prep.datasets import load, resolved_split
 from data_prep.write_ffcv import convert
 
 
@@ -111,6 +111,8 @@ def test_reader_labels_and_classes(name, tmp_path):
     assert len(train.classes) == classes and all(p.is_file() for p in train.paths)
     if name.startswith("inat"):
         assert train.classes == ["3", "7", "11"]  # contiguous labels in sorted category-id order
+    if name in ("cub", "cars", "pets"):  # no validation split: val is the held-out test split, never training
+        assert load(name, tmp_path, "val").paths == evaluation.paths and resolved_split(name, "val") == "test"
 
 
 def test_reader_errors(tmp_path):

@@ -65,7 +65,7 @@ def test_probes_learn_from_frozen_features(pretrained):
 
     common = {"encoder": str(pretrained), "train_per_class": 20, "crop_ratio": 1.0, "workers": 0}
     result = linear(**common, blocks=2)  # 200 training features, 100 epochs
-    assert result["val"] == 10000 and result["train"] == 200
+    assert result["val"] == 10000 and result["train"] == 200 and result["eval_split"] == "test"
     assert 25 < result["top1"] <= result["top5"]  # chance is 10 %
     assert knn(**common)["top1"] > 25
     with pytest.raises(TypeError, match="unexpected keyword argument 'block'"):

@@ -168,3 +168,15 @@ def test_two_process_run_through_torchrun(ade, tmp_path):
     done = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Distributed training: True" in done.stdout + done.stderr and _evals(out)[0]["iter"] == 2
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("vitb", (5e-5, 0.75, 0.15, 12)), ("vitl", (4e-5, 0.9, 0.2, 24))])
+def test_ade20k_recipe_follows_the_encoder_size(ade, tmp_path, arch, expected):
+    """BEiT v2's UperNet configs per size (upernet_beit_{base_12,large_24}_512_slide_160k_ade20k.py)."""
+    cfg = build_cfg(str(ade), str(tmp_path), arch=arch)
+    found = (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.paramwise_cfg.decay_rate,
+             cfg.model.backbone.drop_path_rate, cfg.optim_wrapper.paramwise_cfg.num_layers)  # fmt: skip
+    assert found == expected
+    assert cfg.model.test_cfg["stride"] == (341, 341) and cfg.train_dataloader.batch_size == 16
+    assert "clip_grad" not in cfg.optim_wrapper and cfg.param_scheduler[0]["end"] == 1500
+    assert build_cfg(str(ade), str(tmp_path), arch=arch, lr=1e-3).optim_wrapper.optimizer.lr == 1e-3  # overridable

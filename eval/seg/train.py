@@ -48,6 +48,20 @@ def trust_checkpoints(*places: str | Path) -> None:
     CheckpointLoader.register_scheme(prefixes="", loader=load_local, force=True)
 
 
+ADE20K_RECIPES = {
+    # BEiT v2 semantic_segmentation/configs/beit/upernet/upernet_beit_base_12_512_slide_160k_ade20k.py
+    "base": {"lr": 5e-5, "layer_decay": 0.75, "drop_path": 0.15},
+    # ... upernet_beit_large_24_512_slide_160k_ade20k.py
+    "large": {"lr": 4e-5, "layer_decay": 0.9, "drop_path": 0.2},
+}
+"""UperNet on ADE20K per encoder size (batch 16, 160k iterations, 1,500 warm-up, poly, no clipping, slide
+stride 341 at 512 px: the config's own values). Up to 12 blocks take ``base``, deeper ones ``large``."""
+
+
+def ade20k_recipe(depth: int) -> dict:
+    return ADE20K_RECIPES["base" if depth <= 12 else "large"]
+
+
 def build_cfg(
     data: str,
     output_dir: str,
@@ -56,13 +70,13 @@ def build_cfg(
     crop: int = 512,
     max_iters: int = 160_000,
     batch_size: int = 16,
-    lr: float = 1e-4,
+    lr: float | None = None,
     weight_decay: float = 0.05,
-    layer_decay: float = 0.65,
+    layer_decay: float | None = None,
     warmup_iters: int = 1500,
     val_interval: int = 16_000,
     checkpoint_interval: int = 16_000,
-    drop_path: float = 0.1,
+    drop_path: float | None = None,
     workers: int = 4,
     log_interval: int = 50,
     amp: str | None = None,
@@ -80,13 +94,13 @@ def build_cfg(
         crop: training crop and sliding-window side, pixels.
         max_iters: training iterations.
         batch_size: total batch over all processes.
-        lr: peak AdamW lr.
+        lr: peak AdamW lr (None: the encoder size's recipe, ADE20K_RECIPES).
         weight_decay: AdamW weight decay.
-        layer_decay: layer-wise lr decay (mmseg's layer_wise_vit constructor).
+        layer_decay: layer-wise lr decay, mmseg's layer_wise_vit constructor (None: the size's recipe).
         warmup_iters: linear warm-up iterations before the poly decay.
         val_interval: iterations between validations (single-scale mIoU).
         checkpoint_interval: iterations between checkpoints.
-        drop_path: stochastic depth rate of the encoder.
+        drop_path: stochastic depth rate of the encoder (None: the size's recipe).
         workers: DataLoader workers per process.
         log_interval: iterations between log lines.
         amp: mixed precision, bf16 or fp16 (None: fp32).
@@ -104,6 +118,9 @@ def build_cfg(
         raise ValueError(f"crop {crop} must be a multiple of the patch size {model.patch_size}")
     if warmup_iters >= max_iters:
         raise ValueError(f"warmup_iters {warmup_iters} must be below max_iters {max_iters}")
+    recipe = ade20k_recipe(model.depth)
+    lr, layer_decay = recipe["lr"] if lr is None else lr, recipe["layer_decay"] if layer_decay is None else layer_decay
+    drop_path = recipe["drop_path"] if drop_path is None else drop_path
     cfg = Config.fromfile(str(config))
     size = (crop, crop)
     cfg.work_dir = str(output_dir)

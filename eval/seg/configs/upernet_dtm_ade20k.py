@@ -22,7 +22,7 @@ data_preprocessor = dict(
 model = dict(
     type="EncoderDecoder",
     data_preprocessor=data_preprocessor,
-    backbone=dict(type="DTMBEiT", encoder=None, img_size=crop_size[0], drop_path_rate=0.1, out_indices=None),
+    backbone=dict(type="DTMBEiT", encoder=None, img_size=crop_size[0], drop_path_rate=0.15, out_indices=None),
     neck=dict(type="Feature2Pyramid", embed_dim=768, rescales=[4, 2, 1, 0.5], norm_cfg=norm_cfg),
     decode_head=dict(
         type="UPerHead",
@@ -120,9 +120,11 @@ test_evaluator = val_evaluator
 
 optim_wrapper = dict(
     type="OptimWrapper",
-    optimizer=dict(type="AdamW", lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
+    optimizer=dict(
+        type="AdamW", lr=5e-5, betas=(0.9, 0.999), weight_decay=0.05
+    ),  # BEiT v2 base; train.py sets per size
     constructor="LearningRateDecayOptimizerConstructor",
-    paramwise_cfg=dict(num_layers=12, decay_rate=0.65, decay_type="layer_wise_vit"),
+    paramwise_cfg=dict(num_layers=12, decay_rate=0.75, decay_type="layer_wise_vit"),
 )
 warmup_iters = 1500
 max_iters = 160000
