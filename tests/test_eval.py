@@ -68,7 +68,7 @@ def test_probes_learn_from_frozen_features(pretrained):
     assert result["val"] == 10000 and result["train"] == 200 and result["eval_split"] == "test"
     assert 25 < result["top1"] <= result["top5"]  # chance is 10 %
     assert knn(**common)["top1"] > 25
-    with pytest.raises(TypeError, match="unexpected keyword argument 'block'"):
+    with pytest.raises(ValueError, match=r"unknown options \['block'\]; 'block': did you mean 'blocks'\?"):
         linear(**common, block=2)
 
 
