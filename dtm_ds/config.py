@@ -247,6 +247,8 @@ def coerce(key: str, value: Any, kind) -> Any:
             raise ValueError(f"{key} expects {len(args)} values, got {value!r}")
         items = [coerce(f"{key}[{i}]", v, args[i] if origin is tuple else args[0]) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if kind is bool and isinstance(value, str) and value.lower() in _BOOLS:  # fire passes true/false as text
+        return _BOOLS[value.lower()]
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if kind is bool and isinstance(value, bool) or kind is int and number and float(value).is_integer():
         return int(value) if kind is int else value
@@ -256,6 +258,9 @@ def coerce(key: str, value: Any, kind) -> Any:
         return str(value)
     example = {list: " such as [196,196]", tuple: " such as [0.9,0.98]"}.get(origin, "")
     raise ValueError(f"{key} expects {_type_name(kind)}{example}, got {value!r}")
+
+
+_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
 
 def _type_name(kind) -> str:
