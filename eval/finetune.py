@@ -339,4 +339,4 @@ def describe() -> str:
 if __name__ == "__main__":
     from dtm_ds.cli import run
 
-    run(main, describe)
+    run(main, describe, exit_at_once=True)
