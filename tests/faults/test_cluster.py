@@ -140,7 +140,7 @@ def test_kill_or_stop_with_accumulation_resumes_exactly(images, tmp_path, sig):
 
 @pytest.mark.parametrize("engine", ["zero2_bf16", pytest.param("fp32", marks=pytest.mark.faults_slow)])
 def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference, engine):
-    """2 ranks x accumulation 1, SIGKILL after step 6 (last checkpoint: step 4), resumed on 1 rank x
+    """2 ranks x accumulation 1, SIGKILL after step 6 (last checkpoint: step 4, or 8), resumed on 1 rank x
     accumulation 2: the same micro-batches, schedules and draws, so the per-step losses equal the
     uninterrupted 2-rank run's. ZeRO-2's per-rank optimizer state goes through DeepSpeed's universal
     checkpoint. Tolerance rtol 1e-6: the gradient is summed in another order (1 rank adds its micro-batches,
@@ -158,8 +158,8 @@ def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference,
     _stop(proc, proc.pid, signal.SIGKILL)
     one = _train_cmd(images, out, _ds_json(tmp_path / "acc.json", 4, stage, accum=2, **extra), 12, *LONG)
     resumed = _run(one + ["--run.save_every=4"])
-    assert "resumed from step00000004" in resumed.stdout
-    assert ("universal format, now on 1 ranks" in resumed.stdout) == (stage > 0)
+    resumed_at = int(re.search(r"resumed from step(\d+)", resumed.stdout).group(1))  # 4, or 8 if the kill was late
+    assert resumed_at in (4, 8) and ("universal format, now on 1 ranks" in resumed.stdout) == (stage > 0)
     losses = _losses(out)
     torch.testing.assert_close(losses, {s: reference[s] for s in losses}, rtol=1e-6, atol=0)
 
