@@ -37,7 +37,7 @@ from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, set_lr
 from dtm_ds.logs import RunLog
 from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
-from eval.recipes import RECIPES, Recipe
+from eval.recipes import RECIPES, Recipe, recipe_for
 
 SPLITS = {
     "imagenet": ("train", "val"),
@@ -302,14 +302,16 @@ def main(
         raise ValueError(f"unknown options {unknown}{'; ' + hints if hints else ''} (--help lists them)")
     tweaks = {k: coerce(f"recipe.{k}", v, recipe_types[k]) for k, v in tweaks.items()}
     job = Job(encoder, dataset, data, **job)
-    recipe = dataclasses.replace(RECIPES[dataset], **tweaks)
+    recipe = dataclasses.replace(recipe_for(dataset, encoder_config(encoder).depth), **tweaks)
     device = distributed.init(local_rank)
     engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size, "recipe.batch_size")
+    engine_cfg["gradient_clipping"] = recipe.clip_grad  # the recipe's, not the pretraining JSON's 3.0
     tuner = FineTuner(job, recipe, engine_cfg, device)  # data, encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:
         print(f"peak lr {tuner.peak:g} = recipe.lr {recipe.lr:g} x global batch {engine_cfg['train_batch_size']} / "
-              f"recipe.lr_batch {recipe.lr_batch} (linear scaling)", flush=True)  # fmt: skip
+              f"recipe.lr_batch {recipe.lr_batch} (linear scaling); gradient clipping {recipe.clip_grad:g} "
+              f"(recipe.clip_grad, 0: none)", flush=True)  # fmt: skip
         if tuner.report is not None:
             print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
     result = tuner.fit()

@@ -10,6 +10,7 @@ tables): smaller batch, lower lr, longer schedules. ``fmnist`` is this repositor
 Fashion-MNIST (no RandAugment on grey images, no mixup on a few hundred steps).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -51,10 +52,12 @@ class Recipe:
     """timm's colour jitter (used when auto_augment is None)."""
     reprob: float = 0.25
     """Random erasing probability."""
+    clip_grad: float = 0.0
+    """Gradient clipping norm; 0: none, as BEiT v2 and DTM fine-tune. Replaces the DeepSpeed JSON's value."""
 
 
 RECIPES = {
-    "imagenet": Recipe(),
+    "imagenet": Recipe(warmup_epochs=20),  # ViT-B/16: 100 epochs, 20 warm-up (DESIGN.md §2)
     "inat18": Recipe(layer_decay=0.75),
     "inat19": Recipe(layer_decay=0.75),
     "cub": Recipe(lr_batch=256, epochs=100, batch_size=256, lr=1e-4, layer_decay=0.75, warmup_epochs=10),
@@ -80,3 +83,14 @@ RECIPES = {
         reprob=0.0,
     ),
 }
+
+LARGE = {"layer_decay": 0.8, "drop_path": 0.2, "epochs": 50, "warmup_epochs": 5}
+"""ImageNet ViT-L/16 after 300-epoch pretraining (BEiT v2 get_started_for_image_classification.md; DTM's
+Evaluation.md): lr 5e-4 at 1024 as for ViT-B, layer decay 0.8, drop path 0.2, 50 epochs, 5 warm-up."""
+
+
+def recipe_for(dataset: str, depth: int) -> Recipe:
+    """The recipe of ``dataset`` for an encoder of ``depth`` blocks: ImageNet deeper than 12 blocks takes
+    the ViT-L values; other sets have one recipe."""
+    recipe = RECIPES[dataset]
+    return dataclasses.replace(recipe, **LARGE) if dataset == "imagenet" and depth > 12 else recipe

@@ -91,3 +91,15 @@ def test_visualize_writes_the_groups_png(pretrained, tmp_path):
     out = visualize(str(pretrained), str(tmp_path / "groups.png"), images=2)
     width, height = Image.open(out).size
     assert (width, height) == (3 * 32 * 8, 2 * 32 * 8)  # input + 2 levels, 2 rows, scaled x8 from 32 px
+
+
+def test_imagenet_recipe_follows_the_encoder_size():
+    """BEiT v2 / DTM fine-tuning after 300-epoch pretraining (shared/DESIGN.md §2): ViT-B and ViT-L."""
+    from eval.recipes import recipe_for
+
+    def values(r):
+        return r.lr, r.lr_batch, r.layer_decay, r.drop_path, r.epochs, r.warmup_epochs, r.clip_grad
+
+    assert values(recipe_for("imagenet", 12)) == (5e-4, 1024, 0.65, 0.1, 100, 20, 0.0)
+    assert values(recipe_for("imagenet", 24)) == (5e-4, 1024, 0.8, 0.2, 50, 5, 0.0)
+    assert recipe_for("cub", 24) == recipe_for("cub", 12)

@@ -210,9 +210,14 @@ def main(
             cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
             cfg.tta_model.module = cfg.model
             cfg.model = cfg.tta_model
-        return Runner.from_cfg(cfg).test()
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    result = runner.test() if test_only else None  # (train() returns the model, which fire would call)
+    if not test_only:
+        runner.train()
+    runner.visualizer.close()  # flushes TensorBoard: the process ends without teardown (cli.run)
+    if torch.distributed.is_initialized():  # before teardown: gloo's threads can abort a finished rank at exit
+        torch.distributed.destroy_process_group()
+    return result
 
 
 def _check_flags(flags: dict) -> dict:
@@ -243,4 +248,4 @@ def describe() -> str:
 if __name__ == "__main__":
     from dtm_ds.cli import run
 
-    run(main, describe)
+    run(main, describe, exit_at_once=True)
