@@ -62,6 +62,12 @@ class LoaderSpec:
         return side, side
 
 
+def seed_of(*keys: int, bits: int = 63) -> int:
+    """A seed of ``bits`` bits from integer keys (numpy's SeedSequence mixes them: no collisions between
+    nearby keys). 32 bits for ``np.random.seed``; 63 for torch."""
+    return int(np.random.SeedSequence(keys).generate_state(1, np.uint64)[0] >> np.uint64(64 - bits))
+
+
 def epoch_order(num_samples: int, spec: LoaderSpec, epoch: int) -> np.ndarray:
     """This rank's sample ids for ``epoch``, micro-batch after micro-batch (full global batches only).
 

@@ -26,12 +26,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the package folder must not shadow top-level modules
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import numpy as np
 import torch
 
 from dtm_ds import checkpoint, distributed, faults
 from dtm_ds.config import Config, build_config
-from dtm_ds.data import LoaderSpec, PretrainLoader
+from dtm_ds.data import LoaderSpec, PretrainLoader, seed_of
 from dtm_ds.dtm_step import DTMStep
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, grad_norms, lr_factor, param_groups, set_lr
 from dtm_ds.logs import Clock, RunLog, step_flops
@@ -94,13 +93,13 @@ class Trainer:
         micro-steps; sampled on the training device (no host round trip). ``dtm.shared_schedule``: one
         schedule for the whole global batch."""
         chunk = 0 if self.config.dtm.shared_schedule else chunk
-        gen = torch.Generator(device=self.device).manual_seed(_seed(self.config.run.seed, window, chunk))
+        gen = torch.Generator(device=self.device).manual_seed(seed_of(self.config.run.seed, window, chunk))
         return sample_schedule(self.config.dtm.n_max, self.config.dtm.k_max, gen)
 
     def micro_step(self, batch: dict[str, torch.Tensor], chunk: int, clock: Clock) -> torch.Tensor:
         """Teacher targets, masked student forward and the DTM level losses [L] of one micro-batch."""
         window, dtm = self.state.step + self.state.skipped_windows, self.config.dtm
-        torch.manual_seed(_seed(self.config.run.seed, window, chunk))  # drop path: per micro-batch, not per rank
+        torch.manual_seed(seed_of(self.config.run.seed, window, chunk))  # drop path: per micro-batch, not per rank
         targets = self.teacher(batch["images"])  # (B, N, D)
         clock("time_teacher")
         pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
@@ -231,11 +230,6 @@ class Trainer:
             s = self.state
             how = f" (through DeepSpeed's universal format, now on {self.world} ranks)" if tag != plain else ""
             print(f"resumed from {plain}: step {s.step}, epoch {s.epoch} window {s.epoch_step}{how}", flush=True)
-
-
-def _seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy's SeedSequence mixes them; no collisions between nearby keys)."""
-    return int(np.random.SeedSequence(keys).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 _MEMORY = ("peak_device_mem_gib_per_rank", "peak_rss_gib_per_rank")

@@ -33,7 +33,7 @@ from data_prep.datasets import open_listing
 from data_prep.sources import select
 from dtm_ds import checkpoint, distributed, faults
 from dtm_ds.config import coerce
-from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD, seed_of
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, set_lr
 from dtm_ds.logs import RunLog
 from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
@@ -160,7 +160,7 @@ class FineTuner:
             for m in range(self.accum):
                 images, labels = next(batches)
                 for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path
-                    seeder(_seed(self.seed, s["epoch"], s["epoch_step"], rank * self.accum + m))
+                    seeder(seed_of(self.seed, s["epoch"], s["epoch_step"], rank * self.accum + m, bits=32))
                 images, labels = images.to(self.device), labels.to(self.device)
                 if self.mixup:
                     images, labels = self.mixup(images, labels)
@@ -262,12 +262,8 @@ class SeededImages(Dataset):
 
     def __getitem__(self, i: int):
         for seeder in (random.seed, np.random.seed, torch.manual_seed):
-            seeder(_seed(self.seed, self.epoch, i))
+            seeder(seed_of(self.seed, self.epoch, i, bits=32))
         return self.dataset[i]
-
-
-def _seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
 def main(
