@@ -26,7 +26,7 @@ from dtm_ds.data import augment_on_device, normalize  # noqa: E402
 from dtm_ds.dtm_step import DTMStep  # noqa: E402
 from dtm_ds.logs import PEAK_BF16  # noqa: E402
 from dtm_ds.masking import BlockMasking  # noqa: E402
-from dtm_ds.morph import sample_schedule  # noqa: E402
+from dtm_ds.morph import morphed_loss, sample_schedule  # noqa: E402
 from dtm_ds.student import DTMStudent  # noqa: E402
 from dtm_ds.teacher import PixelTeacher, TokenTeacher  # noqa: E402
 
@@ -96,7 +96,7 @@ def run_steps(config, teacher, student, optimizer, batch: int, steps: int, dtm_o
 
     def dtm_loss(pred, targets):
         groups, slots = dtm(targets, sample_schedule(n_max, config.dtm.k_max, gen))
-        return dtm.loss(pred, targets, groups, slots, config.dtm.loss, config.dtm.beta).mean()
+        return morphed_loss(pred, targets, groups, config.dtm.loss, config.dtm.beta, slots).mean()
 
     for step in range(steps + 2):  # two warm-up steps (graph capture, allocator)
         if step == 2:

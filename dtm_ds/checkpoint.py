@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dtm_ds.config import Config, load_config
+from dtm_ds.config import Config, load_config, model_config
 
 CHECKPOINTS = "checkpoints"
 
@@ -265,7 +265,6 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_student(path: str | Path):
     """A dtm_ds student from a run directory (latest checkpoint) or an exported file (+ ``.json``)."""
-    from dtm_ds.config import ModelConfig
     from dtm_ds.student import DTMStudent
 
     path = Path(path)
@@ -279,7 +278,7 @@ def load_student(path: str | Path):
         return student
     if not path.is_file() or not Path(f"{path}.json").is_file():
         raise FileNotFoundError(f"{path}: expected a run directory or an exported state dict with {path}.json")
-    model = ModelConfig(**json.loads(Path(f"{path}.json").read_text())["model"])
+    model = model_config(json.loads(Path(f"{path}.json").read_text())["model"])
     student = DTMStudent(model, 1)
     missing, unexpected = student.load_state_dict(read_weights(path), strict=False)
     if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:

@@ -37,8 +37,18 @@ class ModelConfig:
     """Layer-scale init (BEiT): 0.1 for S/B, 1e-5 for L/H."""
     grad_checkpointing: bool = False
     """Activation checkpointing of every block."""
+    rel_pos_bias: str = "both"
+    """Relative-position bias tables: 'both' (one shared table plus one per block, added together: the
+    reference's rel_pos_bias and shared_rel_pos_bias, run_pretrain_dtm.py), 'shared' or 'block'."""
+    init: str = "reference"
+    """'reference': truncated normal std 0.02 cut at +-std on linear and patch-embedding weights, the CLS
+    and mask tokens (models/modeling_dtm.py); 'timm': timm's BEiT init (cut at +-2)."""
 
     def __post_init__(self):
+        if self.rel_pos_bias not in ("both", "shared", "block"):
+            raise ValueError(f"model.rel_pos_bias must be 'both', 'shared' or 'block', got {self.rel_pos_bias!r}")
+        if self.init not in ("reference", "timm"):
+            raise ValueError(f"model.init must be 'reference' or 'timm', got {self.init!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"model.img_size {self.img_size} is not divisible by model.patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
@@ -57,8 +67,12 @@ class TeacherConfig:
     """Local weights file for clip/timm teachers (OpenAI TorchScript archive or state dict). Never downloaded."""
     dtype: str = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (GPU only)."""
-    input_norm: str = "own"
-    """'own': the teacher's own normalisation; 'student': feed the student's normalised input (the reference)."""
+    input_norm: str = "student"
+    """'student': the teacher sees the student's ImageNet-normalised input, as the reference feeds CLIP;
+    'own': re-normalised to the teacher's own statistics (CLIP's mean and std)."""
+    target: str = "projected"
+    """CLIP targets: 'projected' (ln_post tokens times the visual projection, 512-d for ViT-B/16) or
+    'pre_projection' (the ln_post tokens, 768-d: the reference's --no_clip_proj)."""
 
     def __post_init__(self):
         kind = self.name.split(":", 1)[0]
@@ -71,6 +85,10 @@ class TeacherConfig:
             raise ValueError(f"teacher.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.input_norm not in ("own", "student"):
             raise ValueError(f"teacher.input_norm must be 'own' or 'student', got {self.input_norm!r}")
+        if self.target not in ("projected", "pre_projection"):
+            raise ValueError(f"teacher.target must be 'projected' or 'pre_projection', got {self.target!r}")
+        if self.target == "pre_projection" and kind != "clip":
+            raise ValueError(f"teacher.target=pre_projection applies to clip teachers, not {self.name!r}")
 
 
 @dataclass
@@ -88,6 +106,12 @@ class DTMConfig:
     shared_schedule: bool = False
     """One (n, k) draw per optimizer step for the whole global batch; False: one per micro-batch (the
     reference draws one per rank and step)."""
+    normalize_target: bool = False
+    """Standardise every morphed target token over its channels (the reference's --normalize_target, off
+    in its recipe)."""
+    loss_weight: float = 1.0
+    """Weight of the DTM loss in the loss that is backpropagated (the reference's --w_dtm, 1.0); logged
+    losses are unweighted."""
 
     def __post_init__(self):
         if len(self.n_max) != len(self.k_max) or not self.n_max:
@@ -125,13 +149,20 @@ class OptimConfig:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.05
-    """AdamW weight decay (none on biases, norms, tokens and relative-position tables)."""
+    """AdamW weight decay (none on biases, norms and the CLS token; see decay_tables)."""
     epochs: int = 300
     """Length of the schedule in epochs (the run stops here unless run.max_steps is smaller)."""
     warmup_epochs: float = 10
     """Linear warm-up, in epochs (rounded to optimizer steps)."""
     batch_size: int | None = None
     """Global batch; derived from the DeepSpeed JSON and the world size when None, checked when set."""
+    decay_tables: bool = True
+    """Weight decay also on the relative-position tables and the mask token, as the reference (it exempts
+    only 1-D tensors, biases and the CLS token: utils/optim_factory.py); False: none on them (timm)."""
+
+    def peak_lr(self, global_batch: int) -> float:
+        """The reference's rule (run_pretrain_dtm.py): lr x sqrt(global batch / 2048)."""
+        return self.lr * (global_batch / 2048) ** 0.5
 
 
 @dataclass
@@ -296,5 +327,17 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2))
 
 
+WRITTEN_BEFORE = {"model": {"rel_pos_bias": "shared", "init": "timm"}, "teacher": {"input_norm": "own"}}
+"""What a config.json written before a field existed meant by leaving it out (the defaults then)."""
+
+
 def load_config(path: str | Path) -> Config:
-    return from_dict(json.loads(Path(path).read_text()))
+    tree = json.loads(Path(path).read_text())
+    for section, old in WRITTEN_BEFORE.items():
+        tree[section] = old | tree.get(section, {})
+    return from_dict(tree)
+
+
+def model_config(values: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a recorded dict (an export's sidecar), with WRITTEN_BEFORE for missing fields."""
+    return ModelConfig(**(WRITTEN_BEFORE["model"] | values))

@@ -8,11 +8,11 @@ On CPU, or with capture off, it runs eagerly; ``compile`` wraps it in ``torch.co
 import torch
 from torch import Tensor
 
-from dtm_ds.morph import morph_levels, morphed_loss
+from dtm_ds.morph import morph_levels
 
 
 class DTMStep:
-    """``groups, slots = step(targets [B, N, D], schedule [L, K])``; ``step.loss(pred, targets, ...)``."""
+    """``groups, slots = step(targets [B, N, D], schedule [L, K])``; ``morph.morphed_loss`` takes them."""
 
     def __init__(self, protect_first: bool = True, cuda_graph: bool = True, compile: str | None = None):
         self.protect_first, self.cuda_graph = protect_first, cuda_graph
@@ -48,8 +48,3 @@ class DTMStep:
         with torch.cuda.graph(graph):
             groups, slots = self.fn(static_targets, static_schedule)
         return graph, static_targets, static_schedule, groups, slots
-
-    @staticmethod
-    def loss(pred: Tensor, targets: Tensor, groups: Tensor, slots: list[int], loss: str, beta: float) -> Tensor:
-        """[L] level losses (differentiable in ``pred``)."""
-        return morphed_loss(pred, targets, groups, loss, beta, slots)

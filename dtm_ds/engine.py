@@ -72,15 +72,22 @@ def engine_config(path: str, world: int, batch_size: int | None, batch_name: str
     return cfg | {"train_batch_size": derived, "gradient_accumulation_steps": accum}
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms (all 1-D tensors), tokens and relative-position tables."""
-    skip = model.no_weight_decay()
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_tables: bool = True) -> list[dict]:
+    """No weight decay on 1-D tensors (biases, norms) and the CLS token; ``decay_tables`` False also
+    exempts what the model's ``no_weight_decay`` names (relative-position tables, the mask token)."""
+    skip = no_decay_names(model, decay_tables)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            plain = p.ndim <= 1 or name in skip or name.endswith("relative_position_bias_table")
-            (no_decay if plain else decay).append(p)
+            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def no_decay_names(model: torch.nn.Module, decay_tables: bool) -> set[str]:
+    """Parameters of more than one dimension without weight decay: the reference's list (BEiT's
+    ``no_weight_decay``: CLS token, absolute positions) or, without ``decay_tables``, timm's (which adds
+    every relative-position table; the student adds its mask token)."""
+    return {"cls_token", "pos_embed"} if decay_tables else set(model.no_weight_decay())
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -92,6 +92,7 @@ def dtm_loss(
     beta: float = 2.0,
     protect_first: bool = True,
     per_level: bool = False,
+    normalize_target: bool = False,
 ) -> Tensor:
     """Morphed distillation loss averaged over levels (``per_level=True``: the [L] level losses).
 
@@ -100,6 +101,8 @@ def dtm_loss(
         target: [B, N, D] teacher targets; groups are computed from it under no_grad.
         schedule: [L, K] merges per iteration for each level (see :func:`sample_schedule`).
         loss: one of ``LOSSES``; ``smooth_l1`` uses ``beta``.
+        normalize_target: normalise every morphed target token over its channels (mean 0, unbiased
+            variance 1, eps 1e-6 under the root), as the reference's ``--normalize_target``.
 
     Returns:
         Scalar: mean over levels of the loss over all N tokens (mean over channels, then tokens).
@@ -107,7 +110,7 @@ def dtm_loss(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     groups, slots = morph_levels(target, schedule, protect_first)
-    losses = morphed_loss(pred, target, groups, loss, beta, slots)
+    losses = morphed_loss(pred, target, groups, loss, beta, slots, normalize_target)
     return losses if per_level else losses.mean()
 
 
@@ -125,21 +128,37 @@ def morph_levels(target: Tensor, schedule: Tensor, protect_first: bool = True) -
 
 
 def morphed_loss(
-    pred: Tensor, target: Tensor, groups: Tensor, loss: str = "smooth_l1", beta: float = 2.0, slots=None
+    pred: Tensor,
+    target: Tensor,
+    groups: Tensor,
+    loss: str = "smooth_l1",
+    beta: float = 2.0,
+    slots=None,
+    normalize_target: bool = False,
 ) -> Tensor:
     """[L] losses between group means of ``pred`` and of ``target`` [B, N, D] for groups [L, B, N].
 
     Every token of a group carries the same morphed value, so the token mean is a count-weighted mean
     over groups, and (for the elementwise losses) mean(pred) - mean(target) = mean(pred - target).
+    ``normalize_target`` normalises each group's target mean over channels before the comparison.
     """
     levels, (b, n, d) = groups.shape[0], target.shape
     slots = slots or [n] * levels
     pred, target = pred.reshape(b * n, d), target.detach().reshape(b * n, d)
-    diff = pred - target if loss != "negcosine" else None
+    diff = pred - target if loss != "negcosine" and not normalize_target else None
     losses = []
     for level in range(levels):
         flat = _flat_ids(groups[level], slots[level])
-        if diff is None:
+        if normalize_target:
+            p_sum, counts = _segment_sum(pred, flat, b * slots[level])
+            size = counts.clamp_min(1).unsqueeze(-1)
+            p_mean, t_mean = p_sum / size, _segment_sum(target, flat, b * slots[level])[0] / size
+            t_mean = (t_mean - t_mean.mean(-1, keepdim=True)) / (t_mean.var(-1, keepdim=True) + 1e-6).sqrt()
+            if loss == "negcosine":
+                per_group = -F.cosine_similarity(p_mean, t_mean, dim=-1)
+            else:
+                per_group = _elementwise(p_mean - t_mean, loss, beta).mean(-1)
+        elif diff is None:
             p_sum, counts = _segment_sum(pred, flat, b * slots[level])
             per_group = -F.cosine_similarity(p_sum, _segment_sum(target, flat, b * slots[level])[0], dim=-1)
         else:

@@ -54,11 +54,14 @@ class PixelTeacher(Teacher):
 
 
 class ClipTeacher(Teacher):
-    """open_clip vision tower: patch tokens after ``ln_post``, projected by ``proj`` (CLS excluded)."""
+    """open_clip vision tower: patch tokens after ``ln_post`` (CLS excluded), projected by ``proj`` unless
+    ``project`` is False (the reference's --no_clip_proj)."""
+
+    project = True
 
     def encode(self, x):
         _, tokens = self.encoder(x)
-        return tokens @ self.encoder.proj.to(tokens.dtype)
+        return tokens @ self.encoder.proj.to(tokens.dtype) if self.project else tokens
 
 
 class TokenTeacher(Teacher):
@@ -75,7 +78,7 @@ def build_teacher(cfg: TeacherConfig, model: ModelConfig, device: torch.device) 
     if kind == "pixels":
         teacher = PixelTeacher(model.patch_size)
     elif kind == "clip":
-        teacher = _clip(name, _weights_file(cfg), model, cfg.input_norm)
+        teacher = _clip(name, _weights_file(cfg), model, cfg.input_norm, cfg.target == "projected")
     elif kind == "timm":
         teacher = _timm(name, _weights_file(cfg), model, cfg.input_norm)
     else:
@@ -114,12 +117,13 @@ def _norm(input_norm: str, mean, std):
     return (IMAGENET_MEAN, IMAGENET_STD) if input_norm == "student" else (mean, std)
 
 
-def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teacher:
+def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str, project: bool = True) -> Teacher:
     import open_clip
 
     try:  # an OpenAI TorchScript archive
         state = torch.jit.load(str(weights), map_location="cpu").state_dict()
         clip = open_clip.model.build_model_from_openai_state_dict(state)
+        _check_archive(clip.visual, open_clip.get_model_config(name), name, weights)
     except RuntimeError:  # an open_clip state dict
         clip = open_clip.create_model(name, pretrained=None)
         _load_state(clip, _read_state(weights), f"clip:{name}", weights)
@@ -129,7 +133,23 @@ def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teac
             f"teacher clip:{name} expects {tuple(visual.image_size)} px input, the student uses {model.img_size} px"
         )
     visual.output_tokens = True
-    return ClipTeacher(visual, visual.proj.shape[1], *_norm(input_norm, CLIP_MEAN, CLIP_STD))
+    teacher = ClipTeacher(visual, visual.proj.shape[int(project)], *_norm(input_norm, CLIP_MEAN, CLIP_STD))
+    teacher.project = project
+    return teacher
+
+
+def _check_archive(visual: nn.Module, config: dict | None, name: str, weights: Path) -> None:
+    """An OpenAI archive carries its own architecture: it must be the named model's, when open_clip
+    knows the name."""
+    if config is None:
+        return
+    want = config["vision_cfg"]
+    got = {"width": visual.conv1.out_channels, "patch_size": visual.conv1.kernel_size[0]}
+    got["layers"] = len(visual.transformer.resblocks)
+    differ = {k: (got[k], want[k]) for k in got if k in want and got[k] != want[k]}
+    if differ:
+        found = ", ".join(f"{k} {g} (clip:{name}: {w})" for k, (g, w) in differ.items())
+        raise ValueError(f"teacher weights {weights} are a different CLIP than clip:{name}: {found}")
 
 
 def _timm(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teacher:

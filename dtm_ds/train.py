@@ -16,6 +16,7 @@ window with one checkpoint, on every rank at the same step.
 """
 
 import json
+import os
 import shutil
 import signal
 import sys
@@ -34,8 +35,8 @@ from dtm_ds.data import LoaderSpec, PretrainLoader, seed_of
 from dtm_ds.dtm_step import DTMStep
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, grad_norms, lr_factor, param_groups, set_lr
 from dtm_ds.logs import Clock, RunLog, step_flops
-from dtm_ds.morph import sample_schedule
-from dtm_ds.run_record import check_and_record
+from dtm_ds.morph import morphed_loss, sample_schedule
+from dtm_ds.run_record import check_and_record, engine_layout
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
 
@@ -72,10 +73,10 @@ class Trainer:
         torch.manual_seed(self.config.run.seed)  # the same initial student whatever the world size
         student = DTMStudent(self.config.model, self.teacher.dim)
         self.engine, self.optimizer = build_engine(
-            student, param_groups(student, o.weight_decay), self.ds_config, o.betas, o.eps
+            student, param_groups(student, o.weight_decay, o.decay_tables), self.ds_config, o.betas, o.eps
         )
         self.dtype = engine_dtype(self.ds_config)
-        self.peak_lr = o.lr * (self.ds_config["train_batch_size"] / 2048) ** 0.5
+        self.peak_lr = o.peak_lr(self.ds_config["train_batch_size"])
         self.warmup = round(o.warmup_epochs * self.steps_per_epoch)
         self.dtm_step = DTMStep(self.config.dtm.protect_first, self.config.run.cuda_graph, self.config.run.compile)
         if self.config.run.compile:
@@ -105,7 +106,7 @@ class Trainer:
         pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
         clock("time_student")
         groups, slots = self.dtm_step(targets, self.schedule_for(window, chunk))  # (L, B, N)
-        levels = self.dtm_step.loss(pred, targets, groups, slots, dtm.loss, dtm.beta)  # (L,)
+        levels = morphed_loss(pred, targets, groups, dtm.loss, dtm.beta, slots, dtm.normalize_target)  # (L,)
         clock("time_dtm")
         return levels
 
@@ -118,7 +119,7 @@ class Trainer:
             batch = next(batches)
             clock.add("time_data", time.perf_counter() - data_start)
             levels = self.micro_step(batch, self.rank * self.accum + m, clock)
-            loss = levels.mean()
+            loss = self.config.dtm.loss_weight * levels.mean()
             if faults.nan_loss(self.micro):
                 loss = loss * float("nan")
             nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
@@ -282,6 +283,7 @@ def main(
     model: str = "vitb",
     output_dir: str | None = None,
     max_steps: int | None = None,
+    print_config: bool = False,
     local_rank: int | None = None,
     **overrides,
 ) -> None:
@@ -293,6 +295,8 @@ def main(
         output_dir: the run folder (same as --run.output_dir); a re-run resumes it.
         max_steps: stop after this many optimizer steps (same as --run.max_steps; the lr schedule still
             spans optim.epochs).
+        print_config: print the resolved settings as JSON (for WORLD_SIZE ranks, default 1) and exit;
+            reads no data or weights and needs no GPU.
         local_rank: set by the deepspeed launcher.
     """
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
@@ -301,6 +305,9 @@ def main(
     if max_steps is not None:
         overrides["run.max_steps"] = max_steps
     config = build_config(model, overrides)
+    if print_config:
+        print(json.dumps(resolved_settings(config, model, ds_config), indent=2))
+        return
     device = distributed.init(local_rank, config.run.dist_timeout_s)
     engine_cfg = engine_config(ds_config, distributed.world(), config.optim.batch_size)
     trainer = Trainer(config, engine_cfg, device)
@@ -346,6 +353,15 @@ def main(
     if distributed.rank() == 0:
         print(json.dumps({"done": True, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
     distributed.close()
+
+
+def resolved_settings(config: Config, preset: str, ds_config: str) -> dict:
+    """Every setting a run of ``preset`` with ``ds_config`` on WORLD_SIZE ranks would use."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    engine = engine_layout(engine_config(ds_config, world, config.optim.batch_size), world)
+    peak = config.optim.peak_lr(engine["train_batch_size"])
+    derived = {"peak_lr": peak, "peak_lr_rule": f"optim.lr {config.optim.lr:g} x sqrt(global batch / 2048)"}
+    return {"preset": preset, "ds_config": ds_config, "engine": engine, **derived, **config.to_dict()}
 
 
 def describe() -> str:

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from data_prep.sources import Listing
 from dtm_ds.checkpoint import load_student
-from dtm_ds.config import ModelConfig, load_config
+from dtm_ds.config import ModelConfig, load_config, model_config
 
 
 def encoder_config(encoder: str) -> ModelConfig:
@@ -21,7 +21,7 @@ def encoder_config(encoder: str) -> ModelConfig:
     sidecar = Path(f"{path}.json")
     if not sidecar.is_file():
         raise FileNotFoundError(f"{encoder}: expected a dtm_ds run directory or an export with {sidecar}")
-    return ModelConfig(**json.loads(sidecar.read_text())["model"])
+    return model_config(json.loads(sidecar.read_text())["model"])
 
 
 def build_classifier(model: ModelConfig, num_classes: int, drop_path: float, img_size: int) -> Beit:
@@ -44,14 +44,18 @@ def build_classifier(model: ModelConfig, num_classes: int, drop_path: float, img
 
 
 def load_pretrained(classifier: Beit, encoder: str) -> dict[str, list[str]]:
-    """Copy a dtm_ds student into ``classifier``: the shared relative position table goes into every block
-    (timm's BEiT filter resizes tables and patch embeddings to the classifier's resolution); the
-    pre-pooling norm is dropped (mean pooling uses a fresh fc_norm). Returns missing/unexpected keys."""
+    """Copy a dtm_ds student into ``classifier``: every block's relative position table becomes its own
+    pretrained table plus the shared one, as the reference fine-tunes (``--init_both_rpb``; both were
+    added to the attention logits, so the sum gives the same attention); a student with only the shared
+    table copies it into every block. timm's BEiT filter resizes tables and patch embeddings to the
+    classifier's resolution; the pre-pooling norm is dropped (mean pooling uses a fresh fc_norm).
+    Returns missing/unexpected keys."""
     state = load_student(encoder).encoder_state_dict()
     shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
     if shared is not None:
         for i in range(len(classifier.blocks)):
-            state[f"blocks.{i}.attn.relative_position_bias_table"] = shared.clone()
+            key = f"blocks.{i}.attn.relative_position_bias_table"
+            state[key] = state[key] + shared if key in state else shared.clone()
     state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     missing, unexpected = classifier.load_state_dict(checkpoint_filter_fn(state, classifier), strict=False)
     expected_new = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}

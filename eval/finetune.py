@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from data_prep.datasets import open_listing
 from data_prep.sources import select
 from dtm_ds import checkpoint, distributed, faults
-from dtm_ds.config import coerce
+from dtm_ds.config import build_config, coerce
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD, seed_of
-from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, set_lr
+from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, no_decay_names, set_lr
 from dtm_ds.logs import RunLog
 from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for
@@ -114,7 +114,8 @@ class FineTuner:
     def _engine(self, model, ds_config: dict):
         r = self.recipe
         self.peak = r.lr * ds_config["train_batch_size"] / r.lr_batch  # the recipe's lr at its own batch
-        groups = param_groups_layer_decay(model, r.weight_decay, model.no_weight_decay(), layer_decay=r.layer_decay)
+        skip = no_decay_names(model, r.decay_tables)
+        groups = param_groups_layer_decay(model, r.weight_decay, skip, layer_decay=r.layer_decay)
         self.total, self.warmup = r.epochs * self.steps_per_epoch, round(r.warmup_epochs * self.steps_per_epoch)
         self.engine, self.optimizer = build_engine(model, groups, ds_config)
         self.dtype = engine_dtype(ds_config)
@@ -132,6 +133,7 @@ class FineTuner:
             is_training=train,
             auto_augment=r.auto_augment if train else None,
             re_prob=r.reprob if train else 0.0,
+            re_mode=r.remode,
             interpolation="bicubic",
             crop_pct=r.crop_pct,
             scale=tuple(r.scale),
@@ -267,13 +269,15 @@ class SeededImages(Dataset):
 
 
 def main(
-    encoder: str,
-    dataset: str,
-    data: str,
+    encoder: str | None = None,
+    dataset: str | None = None,
+    data: str | None = None,
     ds_config: str = "ds_configs/cpu.json",
+    model: str | None = None,
+    print_config: bool = False,
     local_rank: int | None = None,
     **options,
-) -> dict:
+) -> dict | None:
     """Fine-tune ``encoder`` on ``dataset`` read from ``data``; more options: the job and recipe fields.
 
     Args:
@@ -281,10 +285,16 @@ def main(
         dataset: a recipe of eval/recipes.py (imagenet, inat18, inat19, cub, cars, aircraft, flowers, pets, fmnist).
         data: the dataset root (README: layouts) or a data_prep source.
         ds_config: DeepSpeed JSON; micro batch x accumulation x ranks must equal --recipe.batch_size.
+        model: with --print_config and no --encoder: the preset whose size picks the recipe (vitb, vitl, ...).
+        print_config: print the resolved job, recipe and peak lr as JSON and exit; reads no data or weights.
         local_rank: set by the deepspeed launcher.
     """
     if dataset not in RECIPES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(RECIPES)}")
+        raise ValueError(f"--dataset {dataset!r} is not a recipe; choose one of {sorted(RECIPES)}")
+    if encoder is None and not (print_config and model):
+        raise ValueError("--encoder is required (a pretraining run folder or an export)")
+    if data is None and not print_config:
+        raise ValueError("--data is required (the dataset root or a data_prep source)")
     job_types = {f.name: f.type for f in dataclasses.fields(Job)}
     recipe_types = {f.name: f.type for f in dataclasses.fields(Recipe)}
     job = {k: coerce(k, v, job_types[k]) for k, v in options.items() if k in job_types}
@@ -298,7 +308,11 @@ def main(
         raise ValueError(f"unknown options {unknown}{'; ' + hints if hints else ''} (--help lists them)")
     tweaks = {k: coerce(f"recipe.{k}", v, recipe_types[k]) for k, v in tweaks.items()}
     job = Job(encoder, dataset, data, **job)
-    recipe = dataclasses.replace(recipe_for(dataset, encoder_config(encoder).depth), **tweaks)
+    architecture = encoder_config(encoder) if encoder else build_config(model).model
+    recipe = dataclasses.replace(recipe_for(dataset, architecture.depth), **tweaks)
+    if print_config:
+        print(json.dumps(resolved_settings(job, recipe, architecture, ds_config, model), indent=2))
+        return None
     device = distributed.init(local_rank)
     engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size, "recipe.batch_size")
     engine_cfg["gradient_clipping"] = recipe.clip_grad  # the recipe's, not the pretraining JSON's 3.0
@@ -317,6 +331,26 @@ def main(
         print(json.dumps({"encoder": encoder, "random_init": job.random_init, **result}), flush=True)
     distributed.close()
     return result
+
+
+def resolved_settings(job: Job, recipe: Recipe, architecture, ds_config: str, model: str | None) -> dict:
+    """What a run would use: the job, the recipe for the encoder's size, the peak lr at the global batch
+    (the recipe's batch_size, which the DeepSpeed JSON must give on the ranks it runs on), and the
+    layer-decay ladder (lr multiplier of the patch embedding, of each block, and of the head)."""
+    cfg = engine_config(ds_config, 1, None)
+    per_rank = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+    depth = architecture.depth
+    return {
+        "job": dataclasses.asdict(job) | {"model": model, "depth": depth},
+        "recipe": dataclasses.asdict(recipe),
+        "global_batch": recipe.batch_size,
+        "peak_lr": recipe.lr * recipe.batch_size / recipe.lr_batch,
+        "peak_lr_rule": f"recipe.lr {recipe.lr:g} x global batch / recipe.lr_batch {recipe.lr_batch}",
+        "layer_lr_scales": [recipe.layer_decay ** (depth + 1 - i) for i in range(depth + 2)],
+        "ds_config": ds_config,
+        "ranks_for_global_batch": recipe.batch_size / per_rank,
+        "gradient_clipping": recipe.clip_grad,
+    }
 
 
 _REQUIRED = ("--encoder", "--dataset", "--data")

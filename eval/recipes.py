@@ -29,7 +29,10 @@ class Recipe:
     warmup_epochs: float = 5
     """Linear warm-up, in epochs."""
     weight_decay: float = 0.05
-    """AdamW weight decay (none on biases, norms, tokens and relative-position tables)."""
+    """AdamW weight decay (none on 1-D tensors and the CLS token; see decay_tables)."""
+    decay_tables: bool = True
+    """Weight decay also on the relative-position tables, as BEiT v2 / DTM fine-tune (their
+    --disable_weight_decay_on_rel_pos_bias is off); False: timm's rule, none on them."""
     layer_decay: float = 0.65
     """Layer-wise lr decay: block i of L gets layer_decay ** (L + 1 - i) of the head's lr."""
     drop_path: float = 0.1
@@ -52,6 +55,8 @@ class Recipe:
     """timm's colour jitter (used when auto_augment is None)."""
     reprob: float = 0.25
     """Random erasing probability."""
+    remode: str = "pixel"
+    """Random erasing fill: 'pixel' (per-pixel normal noise: BEiT v2's --remode default), 'rand' or 'const'."""
     clip_grad: float = 0.0
     """Gradient clipping norm; 0: none, as BEiT v2 and DTM fine-tune. Replaces the DeepSpeed JSON's value."""
 

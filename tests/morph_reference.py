@@ -58,8 +58,9 @@ def canonical(groups) -> list[int]:
     return [first.setdefault(g, len(first)) for g in groups]
 
 
-def reference_loss(pred, target, schedule, loss="smooth_l1", beta=2.0, protect_first=True):
-    """Morphed loss, one sample and one group at a time; differentiable in pred."""
+def reference_loss(pred, target, schedule, loss="smooth_l1", beta=2.0, protect_first=True, normalize=False):
+    """Morphed loss, one sample and one group at a time; differentiable in pred. ``normalize``: each
+    morphed target token standardised over its channels (unbiased variance, eps 1e-6)."""
     levels = []
     for merges in schedule.tolist():
         per_sample = []
@@ -67,6 +68,8 @@ def reference_loss(pred, target, schedule, loss="smooth_l1", beta=2.0, protect_f
             rows = []
             for members in reference_groups(q.detach(), merges, protect_first):
                 pm, qm = p[members].mean(0), q[members].mean(0)
+                if normalize:
+                    qm = (qm - qm.mean()) / torch.sqrt(qm.var() + 1e-6)
                 rows += [(pm, qm)] * len(members)
             per_sample.append(torch.stack([_elementwise(pm, qm, loss, beta) for pm, qm in rows]).mean())
         levels.append(torch.stack(per_sample).mean())

@@ -13,18 +13,32 @@ from tests.test_train import ROOT, _ds_json, _env
 
 
 @pytest.mark.parametrize("img_size", [32, 48])
-def test_transfer_copies_shared_table_into_every_block(pretrained, img_size):
+def test_transfer_adds_shared_table_to_every_block(pretrained, img_size):
+    """--init_both_rpb: each block's table = its own + the shared one, so the classifier's attention at the
+    pretraining resolution is the student's."""
     model = build_classifier(encoder_config(str(pretrained)), 10, 0.1, img_size)
     report = load_pretrained(model, str(pretrained))
     assert report == {"missing": ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"], "unexpected": []}
-    student = load_student(pretrained)
+    student = load_student(pretrained).eval()
     shared = student.rel_pos_bias.relative_position_bias_table
+    own = [blk.attn.relative_position_bias_table for blk in student.blocks]
+    assert shared.abs().max() > 0 and own[0].abs().max() > 0 and not torch.equal(own[0], own[1])  # trained
     tables = [blk.attn.relative_position_bias_table for blk in model.blocks]
     if img_size == 32:
-        assert all(torch.equal(t, shared) for t in tables)
+        for got, block in zip(tables, own, strict=True):
+            torch.testing.assert_close(got, block + shared, rtol=0, atol=0)
         torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, student.blocks[0].mlp.fc1.weight)
+        images = torch.randn(2, 3, img_size, img_size)
+        with torch.no_grad():  # the same encoder: tokens before the final norms agree
+            x = student.patch_embed(images)
+            y = model.patch_embed(images)
+            x, y = (torch.cat((m.cls_token.expand(2, -1, -1), t), 1) for m, t in ((student, x), (model, y)))
+            bias = student.rel_pos_bias()
+            for a, b in zip(student.blocks, model.blocks, strict=True):
+                x, y = a(x, shared_rel_pos_bias=bias), b.eval()(y)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
     else:  # 12x12 window instead of 8x8: tables resized by timm's BEiT filter
-        assert tables[0].shape == ((2 * 12 - 1) ** 2 + 3, shared.shape[1]) and torch.equal(tables[0], tables[-1])
+        assert tables[0].shape == ((2 * 12 - 1) ** 2 + 3, shared.shape[1]) and not torch.equal(tables[0], tables[-1])
     assert model(torch.randn(2, 3, img_size, img_size)).shape == (2, 10)
 
 
@@ -75,7 +89,7 @@ def test_probes_learn_from_frozen_features(pretrained):
 def test_finetune_errors(pretrained, tmp_path):
     from eval.finetune import main
 
-    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+    with pytest.raises(ValueError, match="--dataset 'mnist' is not a recipe"):
         main(str(pretrained), "mnist", "x")
     with pytest.raises(ValueError, match=r"unknown options \['lrr'\]"):
         main(str(pretrained), "fmnist", "fashion_mnist", **{"recipe.lrr": 1.0})

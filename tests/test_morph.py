@@ -73,14 +73,15 @@ def test_group_mean_matches_loop_and_is_differentiable():
     assert torch.autograd.gradcheck(lambda v: group_mean(v, groups), (x,))
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("loss", ["smooth_l1", "l1", "l2", "negcosine"])
-def test_dtm_loss_matches_reference(loss):
+def test_dtm_loss_matches_reference(loss, normalize):
     gen = torch.Generator().manual_seed(3)
     pred = torch.randn(2, 20, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    target = (2 * torch.randn(2, 20, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    target = (2 * torch.randn(2, 20, 6, generator=gen, dtype=torch.float64) + 1).requires_grad_()
     schedule = torch.tensor([[4, 4, 4, 0], [0, 0, 0, 0], [2, 2, 2, 2]])
-    got = dtm_loss(pred, target, schedule, loss=loss)
-    want = reference_loss(pred, target, schedule, loss=loss)
+    got = dtm_loss(pred, target, schedule, loss=loss, normalize_target=normalize)
+    want = reference_loss(pred, target, schedule, loss=loss, normalize=normalize)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     (g_got,) = torch.autograd.grad(got, pred, retain_graph=True)
     (g_want,) = torch.autograd.grad(want, pred)

@@ -133,7 +133,7 @@ def test_overfits_a_tiny_set(tmp_path):
     for kind in ("images", "annotations"):  # evaluate on the training images
         shutil.rmtree(root / kind / "validation")
         shutil.copytree(root / kind / "training", root / kind / "validation")
-    common = ("--data", root, "--arch", "tiny", "--crop", 32, "--batch_size", 4, "--lr", 1e-3)
+    common = ("--data", root, "--model", "tiny", "--crop", 32, "--batch_size", 4, "--lr", 1e-3)
     _run(*common, "--output_dir", tmp_path / "start", "--max_iters", 2, "--warmup_iters", 1)  # lr ~1e-9: the init
     _run(*common, "--output_dir", tmp_path / "seg", "--max_iters", 60, "--warmup_iters", 5, "--val_interval", 20)
     start = _evals(tmp_path / "start")[0]["mIoU"]
@@ -156,14 +156,14 @@ def test_bad_input(ade, tmp_path):
     first.unlink()
     with pytest.raises(FileNotFoundError, match="1 of 6 images .* have no annotation"):
         check_ade20k(bad)
-    done = _run("--data", tmp_path / "missing", "--arch", "tiny", check=False)
+    done = _run("--data", tmp_path / "missing", "--model", "tiny", check=False)
     assert done.returncode != 0 and "ADE20K root" in done.stderr and "Iter(train)" not in done.stdout
 
 
 def test_two_process_run_through_torchrun(ade, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *SEG[1:], "--launcher", "pytorch",
-           "--data", ade, "--output_dir", out, "--arch", "tiny", "--crop", 32, "--batch_size", 4, "--max_iters", 2,
+           "--data", ade, "--output_dir", out, "--model", "tiny", "--crop", 32, "--batch_size", 4, "--max_iters", 2,
            "--warmup_iters", 1]  # fmt: skip
     done = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -173,10 +173,10 @@ def test_two_process_run_through_torchrun(ade, tmp_path):
 @pytest.mark.parametrize(("arch", "expected"), [("vitb", (5e-5, 0.75, 0.15, 12)), ("vitl", (4e-5, 0.9, 0.2, 24))])
 def test_ade20k_recipe_follows_the_encoder_size(ade, tmp_path, arch, expected):
     """BEiT v2's UperNet configs per size (upernet_beit_{base_12,large_24}_512_slide_160k_ade20k.py)."""
-    cfg = build_cfg(str(ade), str(tmp_path), arch=arch)
+    cfg = build_cfg(str(ade), str(tmp_path), model=arch)
     found = (cfg.optim_wrapper.optimizer.lr, cfg.optim_wrapper.paramwise_cfg.decay_rate,
              cfg.model.backbone.drop_path_rate, cfg.optim_wrapper.paramwise_cfg.num_layers)  # fmt: skip
     assert found == expected
     assert cfg.model.test_cfg["stride"] == (341, 341) and cfg.train_dataloader.batch_size == 16
     assert "clip_grad" not in cfg.optim_wrapper and cfg.param_scheduler[0]["end"] == 1500
-    assert build_cfg(str(ade), str(tmp_path), arch=arch, lr=1e-3).optim_wrapper.optimizer.lr == 1e-3  # overridable
+    assert build_cfg(str(ade), str(tmp_path), model=arch, lr=1e-3).optim_wrapper.optimizer.lr == 1e-3  # overridable

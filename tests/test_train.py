@@ -55,8 +55,65 @@ def test_student_gets_all_gradients_and_clip_teacher_none(tiny_clip):
     missing = [n for n, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
     assert all(p.grad is None for p in teacher.parameters())
-    own = TeacherConfig(name="clip:dtm-test-clip", weights=tiny_clip, input_norm="student")
+    assert config.teacher.input_norm == "student"  # the reference feeds CLIP the student's input
+    own = TeacherConfig(name="clip:dtm-test-clip", weights=tiny_clip, input_norm="own")
     assert not torch.allclose(build_teacher(own, config.model, torch.device("cpu"))(images), targets)
+    pre = TeacherConfig(name="clip:dtm-test-clip", weights=tiny_clip, target="pre_projection")
+    pre_teacher = build_teacher(pre, config.model, torch.device("cpu"))
+    tokens = pre_teacher(images)
+    assert pre_teacher.dim == 32 and tokens.shape == (2, 64, 32)  # the tower's width, before the projection
+    torch.testing.assert_close(tokens @ pre_teacher.encoder.proj, targets)
+
+
+def _openai_archive(state: dict, path: Path) -> None:
+    """``state`` saved as OpenAI distributes CLIP: a TorchScript archive whose state dict holds the OpenAI
+    key names, fp16 floats and the input_resolution / context_length / vocab_size entries."""
+
+    class Node(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Node()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, Node())
+            node = getattr(node, part)
+        node.register_buffer(leaf, value.half() if value.is_floating_point() else value)
+    torch.jit.script(root).save(str(path))
+
+
+def test_openai_torchscript_clip_teacher(tmp_path):
+    import open_clip
+
+    cfg = {
+        "embed_dim": 16,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1},
+    }
+    (tmp_path / "dtm-test-openai.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    state = open_clip.create_model("dtm-test-openai", pretrained=None).state_dict()
+    sizes = {"input_resolution": 32, "context_length": 8, "vocab_size": 64}
+    _openai_archive(state | {k: torch.tensor(v) for k, v in sizes.items()}, tmp_path / "ViT-T-4.pt")
+    assert isinstance(torch.jit.load(str(tmp_path / "ViT-T-4.pt")), torch.jit.ScriptModule)
+    torch.save({k: v.half().float() for k, v in state.items()}, tmp_path / "same.pt")  # the archive's rounding
+
+    tiny, cpu = build_config("tiny"), torch.device("cpu")
+    with pytest.raises(ValueError, match=r"are a different CLIP than clip:ViT-B-16: width 64 \(clip:ViT-B-16: 768\)"):
+        build_teacher(TeacherConfig(name="clip:ViT-B-16", weights=str(tmp_path / "ViT-T-4.pt")), tiny.model, cpu)
+    named = TeacherConfig(name="clip:dtm-test-openai", weights=str(tmp_path / "ViT-T-4.pt"))
+    archive = build_teacher(named, tiny.model, cpu)
+    plain = build_teacher(
+        TeacherConfig(name="clip:dtm-test-openai", weights=str(tmp_path / "same.pt")), tiny.model, cpu
+    )
+    images = torch.randn(2, 3, 32, 32)
+    assert archive.dim == 16 and archive(images).shape == (2, 64, 16)
+    torch.testing.assert_close(archive(images), plain(images), rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_and_config_errors(tiny_clip, tmp_path):
@@ -92,10 +149,17 @@ def test_teacher_and_config_errors(tiny_clip, tmp_path):
 
 def test_no_weight_decay_groups():
     student = DTMStudent(build_config("tiny").model, 48)
-    decay, plain = param_groups(student, 0.05)
     names = {id(p): n for n, p in student.named_parameters()}
+    tables = {n for n in names.values() if n.endswith("relative_position_bias_table")}
+    assert len(tables) == 1 + len(student.blocks)  # shared + one per block (the reference's default)
+    decay, plain = param_groups(student, 0.05)  # the reference's rule: tables and mask token decay
+    plain_names, decay_names = ({names[id(p)] for p in g["params"]} for g in (plain, decay))
+    assert {"cls_token", "lm_head.bias", "blocks.0.attn.q_bias"} <= plain_names
+    assert all(p.ndim <= 1 for p in plain["params"] if names[id(p)] != "cls_token")
+    assert tables | {"mask_token", "lm_head.weight"} <= decay_names and decay["weight_decay"] == 0.05
+    decay, plain = param_groups(student, 0.05, decay_tables=False)  # timm's rule
     plain_names = {names[id(p)] for p in plain["params"]}
-    assert {"mask_token", "cls_token", "rel_pos_bias.relative_position_bias_table", "lm_head.bias"} <= plain_names
+    assert tables | {"mask_token", "cls_token", "lm_head.bias"} <= plain_names
     assert all(p.ndim > 1 for p in decay["params"]) and "lm_head.weight" in {names[id(p)] for p in decay["params"]}
 
 
@@ -245,6 +309,7 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
         num_heads=m.num_heads,
         init_values=m.layer_scale,
         use_abs_pos_emb=False,
+        use_rel_pos_bias=True,
         use_shared_rel_pos_bias=True,
     )
     beit.load_state_dict(load_file(path))  # safetensors: no pickle

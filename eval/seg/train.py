@@ -11,6 +11,7 @@ total batch split over the GPUs, lr, layer decay). A run resumes from the last c
 and <output_dir>/eval.jsonl.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def build_cfg(
     data: str,
     output_dir: str,
     encoder: str | None = None,
-    arch: str | None = None,
+    model: str | None = None,
     crop: int = 512,
     max_iters: int = 160_000,
     batch_size: int = 16,
@@ -90,7 +91,7 @@ def build_cfg(
         data: ADEChallengeData2016 root (images/ and annotations/, training and validation).
         output_dir: the run folder (checkpoints, logs, eval.jsonl); a re-run resumes it.
         encoder: a pretraining run folder or an export (its architecture and weights).
-        arch: a preset (vits, vitb, ...) for a randomly initialised encoder, without --encoder.
+        model: a preset (vits, vitb, ...) for a randomly initialised encoder, without --encoder.
         crop: training crop and sliding-window side, pixels.
         max_iters: training iterations.
         batch_size: total batch over all processes.
@@ -110,7 +111,7 @@ def build_cfg(
     """
     from mmengine.config import Config
 
-    model = encoder_config(encoder) if encoder else build_config(arch or "").model
+    preset, model = model, encoder_config(encoder) if encoder else build_config(model or "").model
     world = int(os.environ.get("WORLD_SIZE", 1))
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} (total) must be a multiple of the {world} processes")
@@ -129,7 +130,7 @@ def build_cfg(
 
     m = cfg.model
     m.data_preprocessor.size = size
-    m.backbone.update(encoder=encoder, arch=None if encoder else arch, img_size=crop, drop_path_rate=drop_path)
+    m.backbone.update(encoder=encoder, arch=None if encoder else preset, img_size=crop, drop_path_rate=drop_path)
     m.neck.embed_dim = model.embed_dim
     m.decode_head.in_channels = [model.embed_dim] * 4
     m.decode_head.channels = model.embed_dim
@@ -174,12 +175,13 @@ def build_cfg(
 
 
 def main(
-    data: str,
+    data: str | None = None,
     output_dir: str = "outputs/eval/ade20k",
     test_only: bool = False,
     checkpoint: str | None = None,
     multi_scale: bool = False,
     scan_labels: bool = True,
+    print_config: bool = False,
     **kwargs,
 ):
     """Train (resuming from ``output_dir``) then evaluate; with ``test_only`` evaluate ``checkpoint``.
@@ -191,8 +193,14 @@ def main(
         checkpoint: an iter_*.pth or best_*.pth to evaluate (with --test_only).
         multi_scale: with --test_only: 6 scales x flip instead of single-scale.
         scan_labels: check every annotation's values before training (rank 0).
+        print_config: print the resolved settings as JSON and exit; reads no data or weights.
     """
     kwargs = _check_flags(kwargs)
+    if print_config:
+        print(json.dumps(resolved_settings(build_cfg(data or "<--data>", output_dir, **kwargs)), indent=2))
+        return None
+    if data is None:
+        raise ValueError("--data is required (the ADEChallengeData2016 root)")
     from mmengine.runner import Runner
 
     if test_only and (not checkpoint or not Path(checkpoint).is_file()):
@@ -218,6 +226,34 @@ def main(
     if torch.distributed.is_initialized():  # before teardown: gloo's threads can abort a finished rank at exit
         torch.distributed.destroy_process_group()
     return result
+
+
+def resolved_settings(cfg) -> dict:
+    """The settings of an mmengine config that make the recipe, read back from the config itself."""
+    from eval.seg.backbone import default_out_indices
+
+    backbone, optimizer = cfg.model.backbone, cfg.optim_wrapper.optimizer
+    encoder = encoder_config(backbone.encoder) if backbone.encoder else build_config(backbone.arch).model
+    warmup, poly = cfg.param_scheduler
+    return {
+        "encoder": backbone.encoder,
+        "model": backbone.arch,
+        "depth": encoder.depth,
+        "lr": optimizer.lr,
+        "betas": list(optimizer.betas),
+        "weight_decay": optimizer.weight_decay,
+        "layer_decay": cfg.optim_wrapper.paramwise_cfg["decay_rate"],
+        "drop_path": backbone.drop_path_rate,
+        "out_indices": backbone.get("out_indices") or default_out_indices(encoder.depth),
+        "batch_size": cfg.train_dataloader.batch_size * int(os.environ.get("WORLD_SIZE", 1)),
+        "max_iters": cfg.train_cfg.max_iters,
+        "warmup_iters": warmup["end"],
+        "poly_power": poly["power"],
+        "crop": list(cfg.model.data_preprocessor.size),
+        "slide_stride": list(cfg.model.test_cfg.stride),
+        "clip_grad": cfg.optim_wrapper.get("clip_grad"),
+        "amp": cfg.optim_wrapper.get("dtype"),
+    }
 
 
 def _check_flags(flags: dict) -> dict:
