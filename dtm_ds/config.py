@@ -32,7 +32,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     """MLP hidden width / token width."""
     drop_path: float = 0.1
-    """Stochastic depth rate of the last block (linear in depth)."""
+    """Stochastic depth rate of the last block (linear in depth); 0.1: run_pretrain_dtm.py's default."""
     layer_scale: float = 0.1
     """Layer-scale init (BEiT): 0.1 for S/B, 1e-5 for L/H."""
     grad_checkpointing: bool = False
@@ -222,7 +222,7 @@ SECTIONS = {
 _VIT = {
     "vits": {"embed_dim": 384, "depth": 12, "num_heads": 6},
     "vitb": {"embed_dim": 768, "depth": 12, "num_heads": 12},
-    "vitl": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "layer_scale": 1e-5, "drop_path": 0.2},
+    "vitl": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "layer_scale": 1e-5},
     "vith": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "layer_scale": 1e-5, "drop_path": 0.3, "patch_size": 14},
 }
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -244,9 +244,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "run": {"save_every": 200, "log_every": 10, "vis_every": 200},
     },
 }
-# vith/14 at 224 px has a 16x16 grid: the DTM defaults follow the token count.
+# vith/14 at 224 px has a 16x16 grid: the DTM defaults follow the token count, and the default teacher is
+# OpenAI's CLIP ViT-L/14 (224 px, patch 14: the same 16x16 grid; CLIP-B/16's 196 tokens would not fit).
+# Not in the paper, which reports ViT-B and ViT-L.
 PRESETS["vith"]["dtm"] = {"n_max": [256, 256], "k_max": [16, 16]}
 PRESETS["vith"]["data"] = {"num_masked": 98}
+PRESETS["vith"]["teacher"] = {"name": "clip:ViT-L-14"}
 
 
 def build_config(preset: str = "vitb", overrides: dict[str, Any] | None = None) -> Config:

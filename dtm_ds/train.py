@@ -351,7 +351,8 @@ def main(
     for sig in (signal.SIGTERM, signal.SIGINT):  # saved and done: a late stop signal must not turn exit 0 into -15
         signal.signal(sig, signal.SIG_IGN)
     if distributed.rank() == 0:
-        print(json.dumps({"done": True, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
+        done = trainer.state.step >= trainer.max_steps  # False: stopped by a signal, a re-run continues
+        print(json.dumps({"done": done, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
     distributed.close()
 
 

@@ -239,7 +239,7 @@ class FineTuner:
                 self.save("best", keep_last=1)
             self.save(f"epoch{epoch + 1:08d}")
         log.close()
-        return result | {"best_top1": self.state["best_top1"]}
+        return result | {"best_top1": self.state["best_top1"], "done": self.state["epoch"] >= last}
 
     def applied_steps(self) -> int:
         return self.engine.global_steps - self.state["skipped"]

@@ -16,13 +16,15 @@ FINETUNE = [sys.executable, "eval/finetune.py"]
 KNN = [sys.executable, "eval/knn.py"]
 LINEAR = [sys.executable, "eval/linear.py"]
 SEG = [sys.executable, "eval/seg/train.py"]
+REPRODUCE = [sys.executable, "eval/reproduce.py"]
 
 HELP = {
-    "train": (TRAIN, ["--ds_config", "--model", "--max_steps", "--optim.lr", "--dtm.n_max", "--run.save_every"]),
-    "finetune": (FINETUNE, ["--encoder", "--dataset", "--ds_config", "--max_epochs", "--recipe.lr", "--recipe.mixup"]),
+    "train": (TRAIN, ["--ds_config", "--model", "--max_steps", "--print_config", "--optim.lr", "--dtm.n_max"]),
+    "finetune": (FINETUNE, ["--encoder", "--dataset", "--print_config", "--max_epochs", "--recipe.remode"]),
     "knn": (KNN, ["--encoder", "--k", "--temperature", "--train", "--val", "--random_init"]),
     "linear": (LINEAR, ["--encoder", "--epochs", "--blocks", "--train_per_class"]),
-    "seg": (SEG, ["--data", "--test_only", "--crop", "--max_iters", "--batch_size", "--lr", "--layer_decay", "--amp"]),
+    "seg": (SEG, ["--data", "--test_only", "--print_config", "--model", "--crop", "--max_iters", "--lr", "--amp"]),
+    "reproduce": (REPRODUCE, ["--data", "--model", "--teacher_weights", "--ade20k", "--launcher", "--seg_args"]),
 }
 
 
@@ -85,6 +87,12 @@ MISTAKES = {  # name: (command from the inputs folder, text the error line must 
                               "'crops': did you mean 'crop'?"),
     "ADE20K: missing data": (lambda t: [*SEG, "--data", "/nowhere/ade", "--output_dir", str(t / "out")],
                              "/nowhere/ade"),
+    "reproduce: no ImageNet root": (lambda t: [*REPRODUCE, "--data", str(t / "imgs"), "--out", str(t / "out")],
+                                    "expected an ImageNet root with train/ and val/"),
+    "reproduce: unknown transfer": (lambda t: [*REPRODUCE, "--data", str(t), "--inat17", "x", "--out", str(t / "out")],
+                                    "unknown options ['inat17']"),
+    "fine-tuning: no encoder": (lambda t: [*FINETUNE, "--dataset", "imagenet", "--data", "x"],
+                                "--encoder is required"),
 }  # fmt: skip
 
 
