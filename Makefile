@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup sysdeps test test-faults lint format bench clean demo pretrain data-imagenet check-eval-args \
+.PHONY: setup sysdeps test test-faults lint format bench clean demo pretrain reproduce data-imagenet check-eval-args \
 	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn eval-ade20k
 
 setup: $(STAMP)
@@ -99,6 +99,16 @@ eval-knn: $(STAMP) check-eval-args
 SEG = eval/seg/train.py --encoder $(CKPT) --data $(DATA) --output_dir $(EVAL_OUT)/ade20k $(ARGS)
 eval-ade20k: $(STAMP) check-eval-args
 	$(if $(filter 1,$(NGPUS)),$(PY) $(SEG),$(VENV)/bin/torchrun --nproc_per_node $(NGPUS) $(SEG) --launcher pytorch)
+
+# The paper's chain (docs/REPRODUCE.md): pretraining -> ImageNet fine-tuning -> ADE20K -> transfers, resumable:
+# make reproduce MODEL=vitb DATA=/data/imagenet TEACHER_WEIGHTS=ViT-B-16.pt NGPUS=8 [ADE20K=...] [INAT18=...] [CUB=...]
+TRANSFER_SETS := INAT18 INAT19 CUB CARS AIRCRAFT FLOWERS PETS
+lower = $(shell echo $(1) | tr A-Z a-z)
+reproduce: $(STAMP)
+	@test -n "$(DATA)" || { echo "error: set DATA=<ImageNet root with train/ and val/>"; exit 2; }
+	$(PY) eval/reproduce.py --model $(MODEL) --data $(DATA) --ngpus $(NGPUS) --ds_config $(DS_CONFIG) \
+	  $(if $(TEACHER_WEIGHTS),--teacher_weights $(TEACHER_WEIGHTS)) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) \
+	  $(if $(ADE20K),--ade20k $(ADE20K)) $(foreach t,$(TRANSFER_SETS),$(if $($(t)),--$(call lower,$(t)) $($(t)))) $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m dtm_ds.demo --out outputs/demo

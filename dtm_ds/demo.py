@@ -1,8 +1,9 @@
 """``make demo``: a real, small, end-to-end DTM run on a CPU-only machine (about 2 minutes on 2 cores).
 
 Fashion-MNIST (Debian package) -> .beton -> ``tiny`` student with the ``pixels`` teacher through the
-DeepSpeed engine -> checkpoint -> weighted k-NN on the test set for the pretrained encoder and for the
-same encoder at random init -> a summary. Re-running resumes (a finished run only re-evaluates).
+DeepSpeed engine -> checkpoint -> weighted k-NN on the test set for three feature sets: the pretrained
+encoder, the same encoder at random init, and the raw (normalised) pixels -> a summary. Re-running
+resumes (a finished run only re-evaluates).
 """
 
 import json
@@ -55,7 +56,7 @@ def main(out: str = "outputs/demo", per_class: int = 1500, epochs: int = 2, knn_
     png = str(out / "dtm_groups.png")
     _run(sys.executable, "-m", "dtm_ds", "visualize", str(run), "--out", png)
     results = {}
-    for name, flag in (("pretrained", "--norandom_init"), ("random_init", "--random_init")):
+    for name, flag in (("pretrained", "--norandom_init"), ("random_init", "--random_init"), ("pixels", "--pixels")):
         knn = subprocess.run(
             [
                 sys.executable,
@@ -80,6 +81,7 @@ def main(out: str = "outputs/demo", per_class: int = 1500, epochs: int = 2, knn_
         "steps": metrics[-1]["step"],
         "knn_top1_pretrained": results["pretrained"],
         "knn_top1_random_init": results["random_init"],
+        "knn_top1_raw_pixels": results["pixels"],
         "img_per_s_median": sorted(m["img_per_s"] for m in metrics)[len(metrics) // 2],
         "tensorboard": str(run / "tb"),
         "checkpoint": str(run / "checkpoints"),

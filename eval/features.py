@@ -31,6 +31,9 @@ class Probe:
     """Use only this many training images per class (a subsample)."""
     random_init: bool = False
     """Same architecture, untrained weights (the baseline)."""
+    pixels: bool = False
+    """Raw pixels as the features: the encoder's input (resized, centre-cropped, normalised) flattened; the
+    floor any encoder should clear."""
     crop_ratio: float = 0.875
     """Resize to size / crop_ratio, then centre-crop (timm's evaluation transform)."""
     blocks: int = 1
@@ -83,16 +86,19 @@ def frozen_features(probe: Probe):
     if split in ("train", "trainval"):
         raise ValueError(f"eval_split {probe.eval_split!r} is training data; evaluate on val or test")
     test_set = open_listing(probe.val, split, probe.dataset)
-    train_x, train_y = extract(model, train_set, probe.crop_ratio, probe.blocks, workers=probe.workers, name="train")
-    test_x, test_y = extract(model, test_set, probe.crop_ratio, probe.blocks, workers=probe.workers, name=split)
+    common = {"crop_ratio": probe.crop_ratio, "blocks": probe.blocks, "workers": probe.workers, "pixels": probe.pixels}
+    train_x, train_y = extract(model, train_set, name="train", **common)
+    test_x, test_y = extract(model, test_set, name=split, **common)
     return train_x, train_y, test_x, test_y, len(train_set.classes)
 
 
 @torch.no_grad()
-def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name: str = "features"):
+def extract(
+    encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False
+):
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
-    applied) and labels [n], on timm's evaluation transform (bicubic resize + centre crop); a progress
-    bar named ``name`` on stderr."""
+    applied; ``pixels``: the input image flattened) and labels [n], on timm's evaluation transform (bicubic
+    resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr."""
     from tqdm import tqdm
 
     encoder.eval()
@@ -104,6 +110,10 @@ def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, wo
     depth = len(encoder.blocks)
     feats, labels = [], []
     for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True):
+        if pixels:
+            feats.append(x.flatten(1))
+            labels.append(y)
+            continue
         if blocks == 1:
             tokens = [encoder.forward_features(x)[:, encoder.num_prefix_tokens :]]
         else:

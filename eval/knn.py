@@ -46,6 +46,7 @@ def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dic
     result = {
         "encoder": encoder,
         "random_init": probe.random_init,
+        "pixels": probe.pixels,
         "k": k,
         "train": len(train_y),
         "val": len(test_y),

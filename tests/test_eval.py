@@ -82,6 +82,16 @@ def test_probes_learn_from_frozen_features(pretrained):
     assert result["val"] == 10000 and result["train"] == 200 and result["eval_split"] == "test"
     assert 25 < result["top1"] <= result["top5"]  # chance is 10 %
     assert knn(**common)["top1"] > 25
+    pixels = knn(**common, pixels=True)  # the baseline make demo prints beside pretrained and random init
+    assert pixels["pixels"] is True and pixels["top1"] > 40  # chance 10 %
+    from data_prep.datasets import open_listing
+    from data_prep.sources import select
+    from eval.features import extract, load_encoder
+
+    ten = select(open_listing("fashion_mnist", "test"), per_class=1)
+    x, y = extract(load_encoder(str(pretrained)), ten, crop_ratio=1.0, workers=0, pixels=True)
+    assert x.shape == (10, 3 * 32 * 32) and sorted(y.tolist()) == list(range(10))
+    assert x.mean().abs() < 2 and -2.2 < x.min() < x.max() < 2.7  # ImageNet-normalised pixels
     with pytest.raises(ValueError, match=r"unknown options \['block'\]; 'block': did you mean 'blocks'\?"):
         linear(**common, block=2)
 
