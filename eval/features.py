@@ -93,9 +93,7 @@ def frozen_features(probe: Probe):
 
 
 @torch.no_grad()
-def extract(
-    encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False
-):
+def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False):
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
     applied; ``pixels``: the input image flattened) and labels [n], on timm's evaluation transform (bicubic
     resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr."""
