@@ -77,7 +77,7 @@ MISTAKES = {  # name: (command from the inputs folder, text the error line must 
                                            "fashion_mnist", "--recipe.epochs=abc", "--output_dir", str(t / "out")],
                                            "recipe.epochs expects int, got 'abc'"),
     "fine-tune: unknown dataset": (lambda t: [*FINETUNE, "--encoder", "x", "--dataset", "mnist", "--data", "y",
-                                              "--output_dir", str(t / "out")], "unknown dataset 'mnist'"),
+                                              "--output_dir", str(t / "out")], "--dataset 'mnist' is not a recipe"),
     "fine-tune: missing encoder": (lambda t: [*FINETUNE, "--encoder", "/nowhere/run", "--dataset", "fmnist",
                                               "--data", "fashion_mnist", "--recipe.batch_size=8", "--ds_config",
                                               str(t / "ok.json"), "--output_dir", str(t / "out")], "/nowhere/run"),

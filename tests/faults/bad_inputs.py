@@ -103,10 +103,10 @@ def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
         ("eval/finetune.py", "recipe batch != DeepSpeed JSON", lambda: finetune(pretrained, **(fm | {"recipe.batch_size": 100})), "100"),
         ("eval/knn.py", "encoder path does not exist", lambda: knn(str(tmp / "no_run"), train="fashion_mnist", val="fashion_mnist", dataset="fmnist"), "no_run"),
         ("eval/linear.py", "more blocks than the encoder has", lambda: linear(pretrained, train="fashion_mnist", val="fashion_mnist", blocks=9), "9"),
-        ("eval/seg/train.py", "ADE20K root does not exist", lambda: segment(str(tmp / "no_ade"), arch="tiny"), "no_ade"),
-        ("eval/seg/train.py", "validation image without annotation", lambda: segment(str(bad_ade), arch="tiny"), "have no annotation"),
-        ("eval/seg/train.py", "crop not a multiple of the patch", lambda: segment(str(ade), arch="tiny", crop=30, output_dir=str(tmp / "seg")), "30"),
-        ("eval/seg/train.py", "--test_only without a checkpoint", lambda: segment(str(ade), arch="tiny", test_only=True, output_dir=str(tmp / "seg")), "--checkpoint"),
+        ("eval/seg/train.py", "ADE20K root does not exist", lambda: segment(str(tmp / "no_ade"), model="tiny"), "no_ade"),
+        ("eval/seg/train.py", "validation image without annotation", lambda: segment(str(bad_ade), model="tiny"), "have no annotation"),
+        ("eval/seg/train.py", "crop not a multiple of the patch", lambda: segment(str(ade), model="tiny", crop=30, output_dir=str(tmp / "seg")), "30"),
+        ("eval/seg/train.py", "--test_only without a checkpoint", lambda: segment(str(ade), model="tiny", test_only=True, output_dir=str(tmp / "seg")), "--checkpoint"),
     ]  # fmt: skip
 
 
