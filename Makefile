@@ -48,7 +48,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 bench: $(STAMP)
-	set -e; for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f; done
+	set -e; for f in bench/bench_*.py; do m=$$(basename $$f .py); echo "== bench.$$m"; $(PY) -m bench.$$m; done
 
 # Pretraining on GPUs: make pretrain MODEL=vitb DATA=train.beton TEACHER_WEIGHTS=ViT-B-16.pt NGPUS=8
 # (TEACHER overrides the preset's teacher, e.g. TEACHER=clip:ViT-L-14; tiny keeps its weight-free pixels one)

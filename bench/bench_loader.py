@@ -6,11 +6,10 @@
 normalisation and block masks, which run on the training device: here the CPU). Also the conversion
 rate of data_prep. Prints a table and a final JSON line.
 
-    python bench/bench_loader.py [--images 2000] [--workers 2] [--batch 64]
+    python -m bench.bench_loader [--images 2000] [--workers 2] [--batch 64]
 """
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.write_ffcv import convert  # noqa: E402
-from dtm_ds.data import LoaderSpec, PretrainLoader, epoch_order  # noqa: E402
-from tests.conftest import texture  # noqa: E402
+from data_prep.synthetic import texture
+from data_prep.write_ffcv import convert
+from dtm_ds.data import LoaderSpec, PretrainLoader, epoch_order
 
 
 def make_jpegs(root: Path, count: int, classes: int = 10) -> None:

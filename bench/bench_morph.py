@@ -3,23 +3,20 @@
 Settings follow the paper's ViT-B/16 step: B=64, N=196, C=512, L=2, n_max=196, k_max=14, 20 fixed
 random schedules, 2 threads. Prints a table and a final JSON line (medians over schedules, ratios).
 
-    python bench/bench_morph.py [--batch 64] [--schedules 20] [--ref_schedules 3]
+    python -m bench.bench_morph [--batch 64] [--schedules 20] [--ref_schedules 3]
 """
 
 import json
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import fire
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dtm_ds.morph import dtm_loss, sample_schedule  # noqa: E402
-from tests.morph_reference import reference_loss  # noqa: E402
+from bench.morph_reference import reference_loss
+from dtm_ds.morph import dtm_loss, sample_schedule
 
 
 def dense_loss(pred, target, schedule, beta=2.0):

@@ -1,34 +1,36 @@
-"""Throughput of one DTM training step, split by phase, with DTM on and off.
+"""Throughput of one DTM training step through the DeepSpeed engine, split by phase, DTM on and off.
 
-Student (dtm_ds DTMStudent), teacher (the ``pixels`` teacher, or a ViT-B/16 CLIP-architecture tower from
-timm with random weights and a random 512-d projection), DTM step (CUDA graph on GPU) and AdamW, on
-synthetic uint8 crops (decoding is measured by bench_loader.py; "data" here is the on-device part:
-flip, jitter, normalisation and masks). Each phase is timed with the device synchronised. DTM off
-means n_max = 0 at every level (token-wise distillation). MFU uses FLOPs counted by
-torch.utils.flop_counter and the device's dense bf16 peak where known.
+The student (DTMStudent) runs inside the same engine pretraining builds (dtm_ds/engine.py: client AdamW,
+parameter groups, bf16 on GPU); the teacher is the ``pixels`` teacher or a ViT-B/16 CLIP-architecture
+tower from timm with random weights and a random 512-d projection; inputs are synthetic uint8 crops
+(decoding is measured by bench_loader; "data" here is the on-device part: flip, jitter, normalisation,
+masks). Each phase is timed with the device synchronised. *DTM on* morphs targets and predictions
+(CUDA graph on GPU) and takes the morphed loss; *DTM off* skips morphing entirely: the token-wise
+smooth-L1 between predictions and targets. Both report the share of the step spent in the loss phase.
+MFU uses FLOPs counted by torch.utils.flop_counter and the device's dense bf16 peak where known.
 
-    python bench/bench_train.py --preset vits --teacher clip --batch 8
-    python bench/bench_train.py --preset vitb --teacher clip --batch 64 --device cuda --dtype bf16
+    python -m bench.bench_train --preset vits --teacher clip --batch 8
+    python -m bench.bench_train --preset vitb --teacher clip --batch 64 --device cuda --dtype bf16
 """
 
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dtm_ds.config import build_config  # noqa: E402
-from dtm_ds.data import augment_on_device, normalize  # noqa: E402
-from dtm_ds.dtm_step import DTMStep  # noqa: E402
-from dtm_ds.logs import PEAK_BF16  # noqa: E402
-from dtm_ds.masking import BlockMasking  # noqa: E402
-from dtm_ds.morph import morphed_loss, sample_schedule  # noqa: E402
-from dtm_ds.student import DTMStudent  # noqa: E402
-from dtm_ds.teacher import PixelTeacher, TokenTeacher  # noqa: E402
+from dtm_ds import distributed
+from dtm_ds.config import build_config
+from dtm_ds.data import augment_on_device, normalize
+from dtm_ds.engine import build_engine, param_groups, set_lr
+from dtm_ds.graphed import GraphedMorph
+from dtm_ds.logs import PEAK_BF16
+from dtm_ds.masking import BlockMasking
+from dtm_ds.morph import morphed_loss, sample_schedule
+from dtm_ds.student import DTMStudent
+from dtm_ds.teacher import PixelTeacher, TokenTeacher
 
 
 class RandomClipTeacher(TokenTeacher):
@@ -60,29 +62,39 @@ class Timer:
         return out
 
 
-def build(preset: str, teacher: str, device: torch.device, dtype: torch.dtype):
+def build(preset: str, teacher: str, device: torch.device, dtype: torch.dtype, batch: int):
+    """The preset's config, the teacher, and the student inside the DeepSpeed engine pretraining uses."""
     config = build_config(preset)
-    m = config.model
+    m, o = config.model, config.optim
     tutor = PixelTeacher(m.patch_size) if teacher == "pixels" else RandomClipTeacher(m.img_size)
     tutor.dtype = dtype
     tutor = tutor.to(device)
     tutor.encoder.to(dtype)
     torch.manual_seed(0)
-    student = DTMStudent(m, tutor.dim).to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
-    return config, tutor, student, optimizer
+    student = DTMStudent(m, tutor.dim)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": batch,
+        "train_batch_size": batch * distributed.world(),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 3.0,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_optimization": {"stage": 2 if device.type == "cuda" else 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    groups = param_groups(student, o.weight_decay, o.decay_tables)
+    engine, optimizer = build_engine(student, groups, ds_config, o.betas, o.eps)
+    return config, tutor, engine, optimizer
 
 
-def run_steps(config, teacher, student, optimizer, batch: int, steps: int, dtm_on: bool, device, dtype) -> dict:
-    m, d = config.model, config.data
-    n_max = config.dtm.n_max if dtm_on else [0] * len(config.dtm.n_max)
+def run_steps(config, teacher, engine, optimizer, batch: int, steps: int, dtm_on: bool, device, dtype) -> dict:
+    """Median seconds per phase over ``steps`` engine steps (after two warm-up steps)."""
+    m, d, dtm = config.model, config.data, config.dtm
     masking = BlockMasking((m.grid, m.grid), d.num_masked, min(d.min_mask_block, d.num_masked))
-    dtm = DTMStep(config.dtm.protect_first, cuda_graph=True)
+    graphed = GraphedMorph(dtm.protect_first, cuda_graph=True)
     gen = torch.Generator(device=device).manual_seed(0)
     raw = torch.randint(0, 256, (batch, 3, m.img_size, m.img_size), dtype=torch.uint8, device=device)
     timer = Timer(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def data():
         rng = np.random.default_rng(len(timer.times.get("data", [])))
@@ -90,23 +102,22 @@ def run_steps(config, teacher, student, optimizer, batch: int, steps: int, dtm_o
         draws = torch.from_numpy(rng.random((batch, 4))).to(device, non_blocking=True)
         return normalize(augment_on_device(raw, draws, d.jitter)), masks
 
-    def forward(images, masks):
-        with autocast:
-            return student(images, masks).float()
-
-    def dtm_loss(pred, targets):
-        groups, slots = dtm(targets, sample_schedule(n_max, config.dtm.k_max, gen))
-        return morphed_loss(pred, targets, groups, config.dtm.loss, config.dtm.beta, slots).mean()
+    def loss_of(pred, targets):
+        if not dtm_on:  # token-wise distillation: no morphing at all
+            return F.smooth_l1_loss(pred, targets, beta=dtm.beta)
+        morphed = graphed(targets, sample_schedule(dtm.n_max, dtm.k_max, gen))
+        return morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target).mean()
 
     for step in range(steps + 2):  # two warm-up steps (graph capture, allocator)
         if step == 2:
             timer.times.clear()
+        set_lr(optimizer, 1e-4)
         images, masks = timer("data", data)
         targets = timer("teacher", teacher, images)
-        pred = timer("student fwd", forward, images, masks)
-        loss = timer("dtm", dtm_loss, pred, targets)
-        timer("student bwd", loss.backward)
-        timer("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+        pred = timer("student fwd", lambda x, mask: engine(x.to(dtype), mask).float(), images, masks)
+        loss = timer("loss", loss_of, pred, targets)
+        timer("student bwd", engine.backward, loss)
+        timer("optimizer", engine.step)
     return {k: statistics.median(v) for k, v in timer.times.items()}
 
 
@@ -138,31 +149,35 @@ def main(
         "fp32": torch.float32,
     }[dtype]
     torch.set_num_threads(threads)
-    config, tutor, student, optimizer = build(preset, teacher, device, dtype)
+    distributed.init()
+    config, tutor, engine, optimizer = build(preset, teacher, device, dtype, batch)
     rows = {
-        name: run_steps(config, tutor, student, optimizer, batch, steps, on, device, dtype)
+        name: run_steps(config, tutor, engine, optimizer, batch, steps, on, device, dtype)
         for name, on in (("dtm on", True), ("dtm off", False))
     }
-    flops = step_flops(tutor, student, batch, config.model.img_size, config.model.grid**2, device)
+    flops = step_flops(tutor, engine.module, batch, config.model.img_size, config.model.grid**2, device)
     peak = next((v for k, v in PEAK_BF16.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{threads} threads"
-    print(f"\ntraining step: preset {preset}, teacher {teacher}, batch {batch}, {dtype}, {name}")
+    print(f"\ntraining step (DeepSpeed engine): preset {preset}, teacher {teacher}, batch {batch}, {dtype}, {name}")
     phases = list(rows["dtm on"])
-    print(f"{'':<10}" + "".join(f"{p:>13}" for p in phases) + f"{'step ms':>10}{'img/s':>9}{'dtm %':>7}{'MFU %':>7}")
+    print(f"{'':<10}" + "".join(f"{p:>13}" for p in phases) + f"{'step ms':>10}{'img/s':>9}{'loss %':>8}{'MFU %':>7}")
     result = {"bench": "train", "preset": preset, "teacher": teacher, "batch": batch, "device": name}
     for label, times in rows.items():
         total = sum(times.values())
         mfu = 100 * flops / total / peak if peak else None
-        share = 100 * times["dtm"] / total
+        share = 100 * times["loss"] / total
         cells = "".join(f"{1e3 * times[p]:>11.1f}ms" for p in phases)
-        print(f"{label:<10}{cells}{1e3 * total:>10.1f}{batch / total:>9.1f}{share:>7.2f}{mfu or float('nan'):>7.1f}")
+        print(f"{label:<10}{cells}{1e3 * total:>10.1f}{batch / total:>9.1f}{share:>8.2f}{mfu or float('nan'):>7.1f}")
         key = label.replace(" ", "_")
         result |= {
             f"{key}_img_s": round(batch / total, 2),
-            f"{key}_dtm_share_pct": round(share, 3),
+            f"{key}_loss_share_pct": round(share, 3),
             f"{key}_mfu_pct": None if mfu is None else round(mfu, 2),
             **{f"{key}_{p.replace(' ', '_')}_ms": round(1e3 * t, 3) for p, t in times.items()},
         }
+    on, off = (sum(rows[k].values()) for k in ("dtm on", "dtm off"))
+    result["dtm_cost_pct"] = round(100 * (on - off) / off, 2)
+    print(f"DTM costs {result['dtm_cost_pct']:.2f} % of the token-wise step (the paper: about 1 %)")
     result["gflop_per_step"] = round(flops / 1e9, 1)
     print(json.dumps(result))
     return result

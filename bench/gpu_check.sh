@@ -15,7 +15,16 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
 for name in ("timm", "triton", "deepspeed", "open_clip", "ffcv", "fire"):
     print(f"  {name}: {'present' if importlib.util.find_spec(name) else 'absent'}")
 PYEOF
-"$PY" bench/gpu_check.py "$@"
+"$PY" -m bench.gpu_check "$@"
+# The tests marked gpu (graph replay vs eager over 20 schedules; a CLIP-architecture teacher in bf16
+# through SDPA): pytest when present, else each test function called directly.
+if [ "${1:-}" != "--dry_run" ]; then
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+  else
+    "$PY" -c "import tests.test_gpu as t; [getattr(t, n)() or print(n, 'passed') for n in dir(t) if n.startswith('test_')]"
+  fi
+fi
 # The pretraining loop itself on the GPU (when DeepSpeed is installed): tiny preset, ZeRO-2 + bf16,
 # accumulation 2, 12 steps on a generated image folder; then the metrics row of the last step (MFU,
 # per-rank peak memory, lr as used) and a re-run that must write nothing.
@@ -24,7 +33,7 @@ if "$PY" -c "import deepspeed" 2>/dev/null && [ "${1:-}" != "--dry_run" ]; then
   "$PY" - "$TMP" <<'PYEOF'
 import json, sys
 from pathlib import Path
-from tests.conftest import write_class_folder
+from data_prep.synthetic import write_class_folder
 tmp = Path(sys.argv[1])
 write_class_folder(tmp / "imgs", {"a": 32, "b": 32}, size=(40, 40))
 (tmp / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2,

@@ -1,4 +1,5 @@
-"""Checkpoints: DeepSpeed engine states plus our client state, rotation, export and loading the student."""
+"""DeepSpeed checkpoints of a run: staged saves published whole, rotation, the latest complete one, elastic
+conversion. Students on disk (load, export) are dtm_ds/students.py."""
 
 import contextlib
 import gc
@@ -9,8 +10,6 @@ import warnings
 from pathlib import Path
 
 import torch
-
-from dtm_ds.config import Config, load_config, model_config
 
 CHECKPOINTS = "checkpoints"
 
@@ -220,69 +219,57 @@ def to_universal(output_dir: str | Path, tag: str) -> str:
     return out.name
 
 
-def student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """Full fp32 student state dict from a run's checkpoint (any ZeRO stage), on CPU."""
-    folder = checkpoint_dir(output_dir)
-    tag = tag or latest_tag(output_dir)
-    if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {folder}")
-    states = torch.load(folder / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    if int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def resume_tag(output_dir: str | Path, tag: str | None, ds_config: dict, world: int) -> str | None:
+    """The tag to load ``tag`` from on ``world`` ranks. A ZeRO-1/2 checkpoint of another number of ranks
+    (its optimizer state is partitioned per rank) is converted to DeepSpeed's universal format on rank 0
+    and ``ds_config`` set to load it; ZeRO-3 is refused (its universal state does not restore exactly);
+    stage 0 keeps the state whole and loads on any world as is."""
+    from dtm_ds import distributed
 
-        with weights_only():
-            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag)
-    return {k: v.float() for k, v in states["module"].items()}
-
-
-def export(run_dir: str, out: str, tag: str | None = None) -> str:
-    """Write the student encoder as a safetensors state dict that timm's ``Beit`` loads (no pickle: safe
-    to share and to load anywhere), and its model config as ``<out>.json``."""
-    from safetensors.torch import save_file
-
-    from dtm_ds.student import DTMStudent
-
-    config = load_config(Path(run_dir) / "config.json")
-    state = student_state(run_dir, tag)
-    student = DTMStudent(config.model, state["lm_head.weight"].shape[0])
-    student.load_state_dict(state)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in student.encoder_state_dict().items()}, out)
-    Path(f"{out}.json").write_text(json.dumps({"model": config.to_dict()["model"]}, indent=2))
-    return out
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file (exports), or a torch file loaded with ``weights_only=True``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except SafetensorError:  # not safetensors: an export of an earlier version, or a torch file
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_student(path: str | Path):
-    """A dtm_ds student from a run directory (latest checkpoint) or an exported file (+ ``.json``)."""
-    from dtm_ds.student import DTMStudent
-
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a dtm_ds run directory (no config.json)")
-        config: Config = load_config(path / "config.json")
-        state = student_state(path)
-        student = DTMStudent(config.model, state["lm_head.weight"].shape[0])
-        student.load_state_dict(state)
-        return student
-    if not path.is_file() or not Path(f"{path}.json").is_file():
-        raise FileNotFoundError(f"{path}: expected a run directory or an exported state dict with {path}.json")
-    model = model_config(json.loads(Path(f"{path}.json").read_text())["model"])
-    student = DTMStudent(model, 1)
-    missing, unexpected = student.load_state_dict(read_weights(path), strict=False)
-    if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
-        raise ValueError(
-            f"{path} does not fit the student of {path}.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+    saved_on = zero_ranks(output_dir, tag) if tag else 0
+    if saved_on in (0, world):
+        return tag
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise CheckpointError(
+            f"{tag} was saved by {saved_on} ranks with ZeRO-3; DeepSpeed's universal checkpoint does not restore "
+            f"ZeRO-3's optimizer state exactly on another number of ranks (per-step losses drift, 2e-5 after "
+            f"one step on the tiny preset). Resume on {saved_on} ranks, or use ZeRO-1/2 for runs that change size"
         )
-    return student
+    ds_config["checkpoint"] = ds_config.get("checkpoint", {}) | {"load_universal": True}
+    return distributed.on_rank0(lambda: to_universal(output_dir, tag))
+
+
+def lost_peer_message(output_dir: str | Path, rank: int, error: BaseException | None = None) -> str:
+    """What a rank says when another rank died or hung: where the run can resume from (and the error)."""
+    tag = latest_tag(output_dir, prefix="step")
+    said = f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:300]})" if error else ""
+    return (
+        f"rank {rank}: lost contact with another rank. The launcher's report names the rank that failed first. "
+        f"The last complete checkpoint is {tag or 'none'} in {checkpoint_dir(output_dir)}; re-run the same "
+        f"command to resume.{said}"
+    )
+
+
+def load(engine, output_dir: str | Path, tag: str) -> dict:
+    """Load checkpoint ``tag`` into ``engine`` (weights-only unpickling) and return its client state. A
+    universal conversion (``resume_tag``) is removed once every rank has loaded it."""
+    from dtm_ds import distributed
+
+    folder = checkpoint_dir(output_dir)
+    with weights_only():
+        _, client = engine.load_checkpoint(str(folder), tag, load_lr_scheduler_states=False)
+    if client is None:
+        raise CheckpointError(f"DeepSpeed could not load {folder / tag}")
+    if tag.startswith(UNIVERSAL):
+        distributed.barrier()
+        distributed.on_rank0(lambda: shutil.rmtree(folder / tag, ignore_errors=True))
+    return client
+
+
+def finished_message(output_dir: str | Path, tag: str, max_steps: int) -> str:
+    """What a re-run of a finished run prints (and nothing else happens): where its last checkpoint is, then
+    the run's JSON summary line."""
+    step = checkpoint_step(output_dir, tag)
+    where = checkpoint_dir(output_dir) / tag
+    summary = json.dumps({"done": True, "step": step, "loss": None})
+    return f"nothing to do: the run is done at step {step} of {max_steps}; its last checkpoint is {where}\n{summary}"

@@ -112,6 +112,17 @@ def arg_docs(fn: Callable) -> dict[str, str]:
     return docs
 
 
+def describe_config(usage: str, main: Callable) -> str:
+    """``--help`` of an entrypoint whose options are ``main``'s and every pretraining config field."""
+    from dtm_ds.config import SECTIONS
+
+    sections = [("Options", function_rows(main, skip=("local_rank",)))]
+    for name, kind in SECTIONS.items():
+        title = f"{name} (--{name}.<field>=value; defaults before the preset)"
+        sections.append((title, dataclass_rows(kind, f"{name}.")))
+    return describe(usage, sections)
+
+
 def describe(usage: str, sections: list[tuple[str, list[tuple[str, str, str, str]]]]) -> str:
     """The help text: usage, then one table per section."""
     out = [usage.strip(), ""]

@@ -336,6 +336,7 @@ WRITTEN_BEFORE = {"model": {"rel_pos_bias": "shared", "init": "timm"}, "teacher"
 
 def load_config(path: str | Path) -> Config:
     tree = json.loads(Path(path).read_text())
+    tree.pop("target_dim", None)  # the run's record of its teacher's width (dtm_ds/students.py)
     for section, old in WRITTEN_BEFORE.items():
         tree[section] = old | tree.get(section, {})
     return from_dict(tree)

@@ -11,14 +11,11 @@ a run resumed at (epoch, batch) sees exactly the batches it would have seen, and
 never share a random state.
 """
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from dtm_ds.masking import BlockMasking
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -110,43 +107,6 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
     mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-class PretrainLoader:
-    """Batches of {"images": float [B, 3, S, S] normalised, "masks": bool [B, N], "labels": long [B]}.
-
-    ``epoch(e, start_batch)`` iterates epoch ``e`` from batch ``start_batch`` (a resumed run).
-    """
-
-    def __init__(self, spec: LoaderSpec, device: torch.device | str = "cpu"):
-        self.spec, self.device = spec, torch.device(device)
-        self.masking = BlockMasking(spec.grid, spec.num_masked, min(spec.min_mask_block, max(spec.num_masked, 1)))
-        if spec.backend == "ffcv":
-            from dtm_ds.data_ffcv import FFCVSource
-
-            self.source = FFCVSource(spec, self.device)
-        else:
-            from dtm_ds.data_torchvision import FolderSource
-
-            self.source = FolderSource(spec)
-        self.batches_per_epoch = len(epoch_order(self.source.num_samples, spec, 0)) // spec.batch_size
-
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        bs = self.spec.batch_size
-        order = epoch_order(self.source.num_samples, self.spec, epoch)[start_batch * bs :]
-        for k, (images, labels) in enumerate(self.source.batches(order, epoch)):
-            rngs = [np.random.default_rng([self.spec.seed, epoch, int(i)]) for i in order[k * bs : (k + 1) * bs]]
-            draws = torch.from_numpy(np.stack([r.random(4) for r in rngs]))  # (B, 4) flip + jitter uniforms
-            masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
-            x = normalize(augment_on_device(self._to_device(images), self._to_device(draws), self.spec.jitter))
-            yield {"images": x, "masks": self._to_device(masks), "labels": self._to_device(labels)}
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host tensor to the training device; through pinned memory on GPU, so the copy does not wait
-        for the device (a copy from pageable memory synchronises the stream)."""
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
 
 
 def check_beton(path: str | Path) -> int:

@@ -150,12 +150,14 @@ def mean_tensor(value: torch.Tensor) -> torch.Tensor:
 class Watchdog:
     """Ends this rank when no training step finishes for ``timeout_s``: a peer that hangs can block a
     collective that no backend times out (DeepSpeed's shared-memory all-reduce on CPU waits forever).
-    ``beat()`` after every step, ``pause()`` around checkpoint writes; it starts at the first beat."""
+    ``beat()`` after every step, ``pause()`` around checkpoint writes; it starts at the first beat. With
+    ``enabled`` False (one rank: no peer to wait for) it does nothing."""
 
-    def __init__(self, timeout_s: float, message: Callable[[], str]):
+    def __init__(self, timeout_s: float, message: Callable[[], str], enabled: bool = True):
         self.timeout_s, self.message, self.last = timeout_s, message, None
         self.done = threading.Event()
-        threading.Thread(target=self._watch, daemon=True, name="dtm-watchdog").start()
+        if enabled:
+            threading.Thread(target=self._watch, daemon=True, name="dtm-watchdog").start()
 
     def beat(self) -> None:
         self.last = time.monotonic()
@@ -176,3 +178,11 @@ class Watchdog:
                 faulthandler.dump_traceback(sys.stderr)  # where this rank was stuck
                 sys.stderr.flush()
                 os._exit(1)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """``error`` says another rank died or hung (torch's DistError, or a backend's RuntimeError)."""
+    if world() == 1:
+        return False
+    markers = ("gloo", "NCCL", "Connection", "timed out")
+    return isinstance(error, torch.distributed.DistError) or any(m in str(error) for m in markers)

@@ -149,6 +149,13 @@ def engine_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
+def local_grad_norm(engine) -> torch.Tensor | None:
+    """This rank's gradient norm where DeepSpeed reports none (stage 0 in fp32); call before ``step()``."""
+    if engine.zero_optimization_stage() != 0:
+        return None
+    return torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
+
+
 def grad_norms(engine, local_norm: torch.Tensor | None) -> dict[str, float]:
     """The global gradient norm of the step just taken, before and after DeepSpeed's clipping.
 

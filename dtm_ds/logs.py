@@ -130,3 +130,33 @@ def process_usage() -> dict[str, float]:
         return {"rss_gib": rss_kib / 2**20, "open_fds": float(len(os.listdir("/proc/self/fd")))}
     except (OSError, StopIteration):
         return {}
+
+
+MEMORY_FIELDS = ("peak_device_mem_gib_per_rank", "peak_rss_gib_per_rank")
+
+
+def memory_gib() -> torch.Tensor:
+    """[peak device memory, peak resident memory] of this process in GiB (device: 0 on CPU), in the order
+    of ``MEMORY_FIELDS``."""
+    import resource
+
+    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return torch.tensor([device, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
+
+
+def step_values(engine, optimizer, levels: torch.Tensor, lrs: list[float], local_norm) -> dict:
+    """The values of a logging step: the loss and per-level losses (means over ranks of ``levels`` [L],
+    each rank's window mean), the lrs that acted and the weight decays per group, the gradient norms, the
+    loss scale (fp16), per-rank peak memory. One gather; call it at logging steps only."""
+    from dtm_ds import distributed
+    from dtm_ds.engine import grad_norms
+
+    n = len(levels)
+    rows = distributed.gather_rows(torch.cat([levels.double().cpu(), memory_gib()]))  # (world, n + m)
+    means = rows[:, :n].mean(0)
+    values = {"loss": means.mean().item(), **{f"loss_level{i}": v for i, v in enumerate(means.tolist())}}
+    wds = [g["weight_decay"] for g in optimizer.param_groups]
+    values |= {"lr": max(lrs), "lr_groups": lrs, "weight_decay_groups": wds} | grad_norms(engine, local_norm)
+    if engine.fp16_enabled():
+        values["loss_scale"] = float(engine.optimizer.cur_scale)
+    return values | {name: rows[:, n + i].tolist() for i, name in enumerate(MEMORY_FIELDS)}

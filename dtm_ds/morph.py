@@ -18,12 +18,29 @@ Only torch is imported here.
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 LOSSES = ("smooth_l1", "l1", "l2", "negcosine")
+
+
+class Morphed(NamedTuple):
+    """The groups of every level for one schedule (:func:`morph_levels`); :func:`morphed_loss` and the
+    pictures take it."""
+
+    groups: Tensor
+    """LongTensor [L, B, N]: the group id of every token at every level."""
+    slots: list[int]
+    """Per level, a bound on the group ids (the number of groups when known on the host, else N)."""
+
+    def counts(self) -> Tensor:
+        """LongTensor [L, B]: the number of groups of every level and sample."""
+        levels, b, n = self.groups.shape
+        present = torch.zeros(levels, b, n, dtype=torch.long, device=self.groups.device)
+        return present.scatter_(2, self.groups, 1).sum(2)
 
 
 def sample_schedule(n_max: Sequence[int], k_max: Sequence[int], generator: torch.Generator | None = None) -> Tensor:
@@ -109,41 +126,41 @@ def dtm_loss(
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    groups, slots = morph_levels(target, schedule, protect_first)
-    losses = morphed_loss(pred, target, groups, loss, beta, slots, normalize_target)
+    losses = morphed_loss(pred, target, morph_levels(target, schedule, protect_first), loss, beta, normalize_target)
     return losses if per_level else losses.mean()
 
 
 @torch.no_grad()
-def morph_levels(target: Tensor, schedule: Tensor, protect_first: bool = True) -> tuple[Tensor, list[int]]:
-    """Groups of every level: LongTensor [L, B, N] with ids in [0, slots[l]), and the per-level slot counts
-    (N on an accelerator or when traced; the number of groups when known on the host). All levels run in
-    one batch of L*B rows and share one Gram matrix; this is the part captured as a CUDA graph."""
+def morph_levels(target: Tensor, schedule: Tensor, protect_first: bool = True, static: bool = False) -> Morphed:
+    """Morph every level of ``schedule`` [L, K] on ``target`` [B, N, D]: the groups [L, B, N] with ids in
+    [0, slots[l]) (slots: N on an accelerator or when traced; the number of groups when known on the
+    host). All levels run in one batch of L*B rows and share one Gram matrix; this is the part captured
+    as a CUDA graph (dtm_ds/graphed.py). ``static``: run the accelerator's full-width path on any device
+    (no host plan), as the GPU does."""
     levels, (b, n, _) = schedule.shape[0], target.shape
     gram = _gram(target).repeat(levels, 1, 1)  # (L*B, N, N)
     merges = schedule.to(target.device).repeat_interleave(b, dim=0)  # (L*B, K)
-    plan = _host_plan(merges, n, protect_first)
+    plan = None if static else _host_plan(merges, n, protect_first)
     groups = _morph_gram(gram, merges, protect_first, plan).view(levels, b, n)
-    return groups, [n] * levels if plan is None else plan[1].view(levels, b).amax(1).tolist()
+    return Morphed(groups, [n] * levels if plan is None else plan[1].view(levels, b).amax(1).tolist())
 
 
 def morphed_loss(
     pred: Tensor,
     target: Tensor,
-    groups: Tensor,
+    morphed: Morphed,
     loss: str = "smooth_l1",
     beta: float = 2.0,
-    slots=None,
     normalize_target: bool = False,
 ) -> Tensor:
-    """[L] losses between group means of ``pred`` and of ``target`` [B, N, D] for groups [L, B, N].
+    """[L] losses between group means of ``pred`` and of ``target`` [B, N, D] for the groups of ``morphed``.
 
     Every token of a group carries the same morphed value, so the token mean is a count-weighted mean
     over groups, and (for the elementwise losses) mean(pred) - mean(target) = mean(pred - target).
     ``normalize_target`` normalises each group's target mean over channels before the comparison.
     """
-    levels, (b, n, d) = groups.shape[0], target.shape
-    slots = slots or [n] * levels
+    (groups, slots), (b, n, d) = morphed, target.shape
+    levels = groups.shape[0]
     pred, target = pred.reshape(b * n, d), target.detach().reshape(b * n, d)
     diff = pred - target if loss != "negcosine" and not normalize_target else None
     losses = []

@@ -51,9 +51,12 @@ def engine_layout(ds_config: dict, world: int) -> dict:
 ENGINE_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_stage", "dtype", "gradient_clipping")
 
 
-def check_and_record(config: Config, ds_config: dict, world: int, write: bool = True) -> dict | None:
+def check_and_record(
+    config: Config, ds_config: dict, world: int, write: bool = True, target_dim: int | None = None
+) -> dict | None:
     """Raise ``ValueError`` naming every field that differs from the folder's records; then, when ``write``
-    (rank 0 of a run with work to do), write them. Returns the previous engine layout (None: a new folder)."""
+    (rank 0 of a run with work to do), write them, with the width of the teacher's targets (``target_dim``,
+    which dtm_ds/students.py reads back). Returns the previous engine layout (None: a new folder)."""
     folder = Path(config.run.output_dir)
     layout = engine_layout(ds_config, world)
     previous = _read(folder / "engine.json")
@@ -72,7 +75,7 @@ def check_and_record(config: Config, ds_config: dict, world: int, write: bool = 
         )
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / "config.json", config.to_dict())
+        _write(folder / "config.json", config.to_dict() | ({"target_dim": target_dim} if target_dim else {}))
         _write(folder / "engine.json", layout)
     return previous
 
@@ -108,3 +111,17 @@ def _write(path: Path, value: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
+
+
+def resolved_settings(config: Config, preset: str, ds_config: str, world: int | None = None) -> dict:
+    """Every setting a pretraining run of ``preset`` with ``ds_config`` on ``world`` ranks (default: the
+    environment's WORLD_SIZE, else 1) would use (``dtm_ds/train.py --print_config``; docs/REPRODUCE.md's
+    table holds them)."""
+    from dtm_ds.engine import engine_config
+
+    world = world or int(os.environ.get("WORLD_SIZE", 1))
+
+    engine = engine_layout(engine_config(ds_config, world, config.optim.batch_size), world)
+    peak = config.optim.peak_lr(engine["train_batch_size"])
+    derived = {"peak_lr": peak, "peak_lr_rule": f"optim.lr {config.optim.lr:g} x sqrt(global batch / 2048)"}
+    return {"preset": preset, "ds_config": ds_config, "engine": engine, **derived, **config.to_dict()}

@@ -1,36 +1,64 @@
-"""Pictures of the morphed groups: every patch painted with the mean colour of its group.
+"""Pictures of the morphed groups, as in the paper's figures: one panel per level, each group in its own
+colour over the (grey) image, with its boundary drawn.
 
 python -m dtm_ds visualize RUN_DIR --out groups.png
 """
 
 import torch
-import torch.nn.functional as F
 
 from dtm_ds.config import Config
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
-from dtm_ds.morph import group_mean, morph
+from dtm_ds.morph import morph_levels
+
+GOLDEN = 0.6180339887498949
+
+
+def group_colours(groups: torch.Tensor) -> torch.Tensor:
+    """[B, N] group ids -> [B, N, 3] RGB in [0, 1]: one colour per id (hues a golden-ratio step apart, so
+    neighbouring ids differ), the same for every token of a group."""
+    hue = (groups.double() * GOLDEN) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=torch.float64, device=groups.device) + hue.unsqueeze(-1) * 6) % 6
+    saturation, value = 0.75, 0.95
+    return (value - value * saturation * (torch.minimum(k, 4 - k).clamp(0, 1))).float()  # HSV -> RGB
+
+
+def boundaries(groups: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+    """[B, N] group ids on a ``grid`` x ``grid`` patch layout -> bool [B, grid*patch, grid*patch]: the
+    last pixel column (row) of every patch whose right (lower) neighbour is in another group."""
+    ids = groups.view(-1, grid, grid)
+    right = torch.zeros_like(ids, dtype=torch.bool)
+    below = torch.zeros_like(ids, dtype=torch.bool)
+    right[:, :, :-1] = ids[:, :, :-1] != ids[:, :, 1:]
+    below[:, :-1, :] = ids[:, :-1, :] != ids[:, 1:, :]
+    last = torch.arange(grid * patch, device=groups.device) % patch == patch - 1
+    up = lambda m: m.repeat_interleave(patch, 1).repeat_interleave(patch, 2)  # noqa: E731
+    return up(right) & last.view(1, 1, -1) | up(below) & last.view(1, -1, 1)
 
 
 def paint_groups(pixels: torch.Tensor, groups: torch.Tensor, patch: int) -> torch.Tensor:
-    """pixels [B, 3, H, W], groups [B, N] -> [B, 3, H, W] with each patch the mean colour of its group."""
+    """pixels [B, 3, H, W] in [0, 1], groups [B, N] -> [B, 3, H, W]: the image in grey, tinted with its
+    group's colour (55 %), and white lines where groups meet."""
     b, _, h, w = pixels.shape
-    patches = F.unfold(pixels, patch, stride=patch).transpose(1, 2)  # (B, N, 3*p*p)
-    colour = patches.view(b, patches.shape[1], 3, -1).mean(-1)  # (B, N, 3)
-    painted = group_mean(colour, groups).unsqueeze(-1).expand(-1, -1, -1, patch * patch)
-    return F.fold(painted.reshape(b, -1, 3 * patch * patch).transpose(1, 2), (h, w), patch, stride=patch)
+    grid = h // patch
+    colour = group_colours(groups).transpose(1, 2).reshape(b, 3, grid, grid)
+    colour = colour.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+    grey = (0.299 * pixels[:, 0:1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:3]).expand(-1, 3, -1, -1)
+    painted = 0.45 * grey + 0.55 * colour
+    return torch.where(boundaries(groups, grid, patch).unsqueeze(1), torch.ones_like(painted), painted)
 
 
 def morph_figure(images: torch.Tensor, teacher, config: Config, schedule: torch.Tensor) -> torch.Tensor:
-    """[3, rows*H, (1+L)*W] grid: the input, then the groups of every level of ``schedule``."""
+    """[3, rows*H', (1+L)*W'] grid: the input, then one panel per level of ``schedule``. Small images are
+    enlarged (nearest) to about 224 px first, so boundaries stay one pixel wide."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    scale = max(1, 224 // images.shape[-1])
     pixels = (images.float() * std + mean).clamp(0, 1)
-    targets = teacher(images)
-    columns = [pixels] + [
-        paint_groups(pixels, morph(targets, merges, config.dtm.protect_first), config.model.patch_size)
-        for merges in schedule.to(images.device)
-    ]
-    rows = torch.cat(columns, dim=3)  # (B, 3, H, (1+L)*W)
+    pixels = pixels.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    morphed = morph_levels(teacher(images), schedule.to(images.device), config.dtm.protect_first)
+    patch = config.model.patch_size * scale
+    columns = [pixels] + [paint_groups(pixels, groups, patch) for groups in morphed.groups]
+    rows = torch.cat(columns, dim=3)  # (B, 3, H', (1+L)*W')
     return torch.cat(list(rows), dim=1).cpu()
 
 
@@ -42,7 +70,8 @@ def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int 
     from PIL import Image
 
     from dtm_ds.config import load_config
-    from dtm_ds.data import LoaderSpec, PretrainLoader
+    from dtm_ds.data import LoaderSpec
+    from dtm_ds.loader import PretrainLoader
     from dtm_ds.morph import sample_schedule
     from dtm_ds.teacher import build_teacher
 
@@ -64,7 +93,5 @@ def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int 
     teacher = build_teacher(config.teacher, m, torch.device("cpu"))
     schedule = sample_schedule(config.dtm.n_max, config.dtm.k_max, torch.Generator().manual_seed(seed))
     grid = morph_figure(batch["images"], teacher, config, schedule)
-    scale = max(1, 256 // m.img_size)
-    picture = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST).save(out)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(out)
     return out

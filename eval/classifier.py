@@ -1,7 +1,5 @@
 """A timm BEiT classifier (mean pooling) initialised from a dtm_ds student, and image datasets for it."""
 
-import json
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -9,19 +7,8 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import Dataset
 
 from data_prep.sources import Listing
-from dtm_ds.checkpoint import load_student
-from dtm_ds.config import ModelConfig, load_config, model_config
-
-
-def encoder_config(encoder: str) -> ModelConfig:
-    """The student architecture of a run directory or an exported state dict (``<file>.json``)."""
-    path = Path(encoder)
-    if path.is_dir():
-        return load_config(path / "config.json").model
-    sidecar = Path(f"{path}.json")
-    if not sidecar.is_file():
-        raise FileNotFoundError(f"{encoder}: expected a dtm_ds run directory or an export with {sidecar}")
-    return model_config(json.loads(sidecar.read_text())["model"])
+from dtm_ds.config import ModelConfig
+from dtm_ds.students import load_student
 
 
 def build_classifier(model: ModelConfig, num_classes: int, drop_path: float, img_size: int) -> Beit:

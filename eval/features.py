@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 
 from data_prep.datasets import open_listing
 from data_prep.sources import Listing, select
-from dtm_ds.checkpoint import load_student
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
-from eval.classifier import ListingImages, encoder_config
+from dtm_ds.students import encoder_config, load_student
+from eval.classifier import ListingImages
 
 
 @dataclass

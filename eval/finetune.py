@@ -16,11 +16,7 @@ import difflib
 import json
 import random
 import signal
-import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -36,7 +32,8 @@ from dtm_ds.config import build_config, coerce
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD, seed_of
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, no_decay_names, set_lr
 from dtm_ds.logs import RunLog
-from eval.classifier import ListingImages, accuracy, build_classifier, encoder_config, load_pretrained
+from dtm_ds.students import encoder_config
+from eval.classifier import ListingImages, accuracy, build_classifier, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for
 
 SPLITS = {

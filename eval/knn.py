@@ -8,11 +8,6 @@ folder, ImageNet root, list file, ``fashion_mnist``) or ``--dataset NAME`` with 
 """
 
 import json
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F

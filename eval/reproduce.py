@@ -194,8 +194,6 @@ def describe() -> str:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # run as a script: make the repository importable
-        sys.path.insert(0, str(ROOT))
     from dtm_ds.cli import run
 
     run(main, describe)

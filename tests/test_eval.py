@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from dtm_ds.checkpoint import load_student
-from eval.classifier import build_classifier, encoder_config, load_pretrained
+from dtm_ds.students import encoder_config, load_student
+from eval.classifier import build_classifier, load_pretrained
 from tests.test_train import ROOT, _ds_json, _env
 
 
@@ -114,7 +114,26 @@ def test_visualize_writes_the_groups_png(pretrained, tmp_path):
 
     out = visualize(str(pretrained), str(tmp_path / "groups.png"), images=2)
     width, height = Image.open(out).size
-    assert (width, height) == (3 * 32 * 8, 2 * 32 * 8)  # input + 2 levels, 2 rows, scaled x8 from 32 px
+    assert (width, height) == (3 * 32 * 7, 2 * 32 * 7)  # input + 2 levels, 2 rows, enlarged x7 from 32 px
+
+
+def test_groups_picture_colours_each_group_and_draws_its_boundary():
+    """Each group its own colour over the grey image and a one-pixel white line where groups meet, on a
+    grey (Fashion-MNIST-like) picture where mean colours would show nothing."""
+    from dtm_ds.visualize import group_colours, paint_groups
+
+    pixels = torch.full((1, 3, 8, 8), 0.5)  # grey: every channel equal
+    groups = torch.tensor([[0, 0, 2, 2, 0, 0, 2, 2, 5, 5, 5, 5, 5, 5, 5, 5]])  # 4x4 grid of 2-px patches
+    painted = paint_groups(pixels, groups, patch=2)[0]  # (3, 8, 8)
+    colours = group_colours(groups)[0]
+    assert len({tuple(c.tolist()) for c in colours[[0, 2, 8]]}) == 3  # three groups, three colours
+    assert (colours.max(-1).values - colours.min(-1).values).min() > 0.5  # saturated, unlike grey
+    white = (painted == 1).all(0)
+    assert white[0, 3] and white[1, 3] and not white[0, 1]  # right edge of group 0's first patch column
+    assert white[3, 0] and white[3, 7] and not white[7, 0]  # between rows 0-1 and the group-5 rows; no outer frame
+    inside = painted[:, 0, 0]  # not a boundary pixel: 45 % grey + 55 % the group's colour
+    torch.testing.assert_close(inside, 0.45 * 0.5 + 0.55 * colours[0])
+    assert not torch.equal(painted[:, 0, 0], painted[:, 0, 4])  # groups 0 and 2 differ
 
 
 def test_imagenet_recipe_follows_the_encoder_size():

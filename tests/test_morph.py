@@ -3,8 +3,8 @@ import random
 import pytest
 import torch
 
+from bench.morph_reference import canonical, reference_groups, reference_loss, reference_merges
 from dtm_ds.morph import dtm_loss, group_mean, morph, sample_schedule
-from tests.morph_reference import canonical, reference_groups, reference_loss, reference_merges
 
 
 def _check_partitions(metric, merges, protect_first=True):

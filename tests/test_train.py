@@ -292,7 +292,7 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
     from safetensors.torch import load_file
     from timm.models.beit import Beit
 
-    from dtm_ds.checkpoint import export, load_student
+    from dtm_ds.students import export, load_student
 
     out = tmp_path / "run"
     cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, 2), 2)

@@ -15,7 +15,8 @@ from mmseg.registry import MODELS
 from torch.utils.checkpoint import checkpoint
 
 from dtm_ds.config import ModelConfig, build_config
-from eval.classifier import build_classifier, encoder_config, load_pretrained
+from dtm_ds.students import encoder_config
+from eval.classifier import build_classifier, load_pretrained
 
 
 def default_out_indices(depth: int) -> list[int]:

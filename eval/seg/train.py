@@ -13,19 +13,14 @@ and <output_dir>/eval.jsonl.
 
 import json
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-import eval.seg  # noqa: E402,F401  (mmcv-lite shim before any mmseg import)
-from dtm_ds.config import build_config  # noqa: E402
-from eval.classifier import encoder_config  # noqa: E402
-from eval.seg.data import check_ade20k  # noqa: E402
+import eval.seg  # noqa: F401  (mmcv-lite shim before any mmseg import)
+from dtm_ds.config import build_config
+from dtm_ds.students import encoder_config
+from eval.seg.data import check_ade20k
 
 CONFIG = Path(__file__).parent / "configs" / "upernet_dtm_ade20k.py"
 

@@ -1,39 +1,39 @@
-"""The DTM target step of a training step: groups of every level from the teacher's targets.
+"""Morphing captured as a CUDA graph: ``GraphedMorph(targets, schedule)`` is ``morph.morph_levels``.
 
-On a GPU the step is captured once per input shape as a CUDA graph and replayed for every sampled
-schedule (the schedule is a static device tensor, so nothing in the graph depends on its values).
-On CPU, or with capture off, it runs eagerly; ``compile`` wraps it in ``torch.compile`` instead.
+On a GPU the morphing of every level is captured once per input shape as a CUDA graph and replayed for
+every sampled schedule (the schedule is a static device tensor, so nothing in the graph depends on its
+values). On CPU, or with capture off, it runs eagerly; ``compile`` wraps it in ``torch.compile`` instead.
 """
 
 import torch
 from torch import Tensor
 
-from dtm_ds.morph import morph_levels
+from dtm_ds.morph import Morphed, morph_levels
 
 
-class DTMStep:
-    """``groups, slots = step(targets [B, N, D], schedule [L, K])``; ``morph.morphed_loss`` takes them."""
+class GraphedMorph:
+    """``morphed = GraphedMorph()(targets [B, N, D], schedule [L, K])``, as ``morph_levels`` returns it."""
 
     def __init__(self, protect_first: bool = True, cuda_graph: bool = True, compile: str | None = None):
         self.protect_first, self.cuda_graph = protect_first, cuda_graph
 
-        def fn(target: Tensor, schedule: Tensor):
+        def fn(target: Tensor, schedule: Tensor) -> Morphed:
             return morph_levels(target, schedule, protect_first)
 
         self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compile) if compile else fn
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, targets: Tensor, schedule: Tensor) -> tuple[Tensor, list[int]]:
+    def __call__(self, targets: Tensor, schedule: Tensor) -> Morphed:
         if not (self.cuda_graph and targets.is_cuda):
-            return self.fn(targets, schedule)
+            return Morphed(*self.fn(targets, schedule))
         key = (tuple(targets.shape), targets.dtype, tuple(schedule.shape), targets.device)
         if key not in self.graphs:
             self.graphs[key] = self._capture(targets, schedule)
-        graph, static_targets, static_schedule, groups, slots = self.graphs[key]
+        graph, static_targets, static_schedule, morphed = self.graphs[key]
         static_targets.copy_(targets)
         static_schedule.copy_(schedule, non_blocking=True)
         graph.replay()
-        return groups, slots  # overwritten by the next replay: consume (backward) before the next step
+        return morphed  # overwritten by the next replay: consume (backward) before the next step
 
     def _capture(self, targets: Tensor, schedule: Tensor):
         static_targets = targets.detach().clone()
@@ -46,5 +46,5 @@ class DTMStep:
         torch.cuda.current_stream(targets.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            groups, slots = self.fn(static_targets, static_schedule)
-        return graph, static_targets, static_schedule, groups, slots
+            morphed = Morphed(*self.fn(static_targets, static_schedule))
+        return graph, static_targets, static_schedule, morphed

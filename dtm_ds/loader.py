@@ -1,0 +1,64 @@
+"""The pretraining loader: batches of augmented images and masks from an FFCV .beton or a data_prep
+source, in the run's global order (dtm_ds/data.py), on the training device."""
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from dtm_ds.config import Config
+from dtm_ds.data import LoaderSpec, augment_on_device, epoch_order, normalize
+from dtm_ds.data_ffcv import FFCVSource
+from dtm_ds.data_torchvision import FolderSource
+from dtm_ds.masking import BlockMasking
+
+
+class PretrainLoader:
+    """Batches of {"images": float [B, 3, S, S] normalised, "masks": bool [B, N], "labels": long [B]}.
+
+    ``epoch(e, start_batch)`` iterates epoch ``e`` from batch ``start_batch`` (a resumed run).
+    """
+
+    def __init__(self, spec: LoaderSpec, device: torch.device | str = "cpu"):
+        self.spec, self.device = spec, torch.device(device)
+        self.masking = BlockMasking(spec.grid, spec.num_masked, min(spec.min_mask_block, max(spec.num_masked, 1)))
+        self.source = FFCVSource(spec, self.device) if spec.backend == "ffcv" else FolderSource(spec)
+        self.batches_per_epoch = len(epoch_order(self.source.num_samples, spec, 0)) // spec.batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        bs = self.spec.batch_size
+        order = epoch_order(self.source.num_samples, self.spec, epoch)[start_batch * bs :]
+        for k, (images, labels) in enumerate(self.source.batches(order, epoch)):
+            rngs = [np.random.default_rng([self.spec.seed, epoch, int(i)]) for i in order[k * bs : (k + 1) * bs]]
+            draws = torch.from_numpy(np.stack([r.random(4) for r in rngs]))  # (B, 4) flip + jitter uniforms
+            masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
+            x = normalize(augment_on_device(self._to_device(images), self._to_device(draws), self.spec.jitter))
+            yield {"images": x, "masks": self._to_device(masks), "labels": self._to_device(labels)}
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor to the training device; through pinned memory on GPU, so the copy does not wait
+        for the device (a copy from pageable memory synchronises the stream)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+
+def loader_spec(config: Config, ds_config: dict, rank: int = 0, world: int = 1) -> LoaderSpec:
+    """The LoaderSpec of a pretraining run: its data and model settings, this rank's place."""
+    d, m = config.data, config.model
+    return LoaderSpec(
+        path=d.path,
+        batch_size=ds_config["train_micro_batch_size_per_gpu"],
+        image_size=m.img_size,
+        patch_size=m.patch_size,
+        min_crop_scale=d.min_crop_scale,
+        jitter=d.jitter,
+        num_masked=d.num_masked,
+        min_mask_block=d.min_mask_block,
+        seed=config.run.seed,
+        rank=rank,
+        world=world,
+        accum=ds_config["gradient_accumulation_steps"],
+        workers=d.workers,
+        backend=d.backend,
+    )

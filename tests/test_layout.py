@@ -1,0 +1,71 @@
+"""The repository's layout rules, read from the source: three floors (data_prep and dtm_ds below eval and
+bench), no import cycles, no entrypoint imported as a library, no sys.path edits."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("data_prep", "dtm_ds", "eval", "bench")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def _imports(path: Path, modules: dict[str, Path], top_level_only: bool) -> set[str]:
+    """This repository's modules that ``path`` imports (at module level only, or anywhere)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name in modules}
+
+
+def test_floors_and_entrypoints():
+    modules = _modules()
+    for name, path in modules.items():
+        imported = _imports(path, modules, top_level_only=False)
+        if name.startswith(("dtm_ds", "data_prep")):
+            assert not {m for m in imported if m.startswith(("eval", "bench"))}, name  # no upward imports
+        if name.startswith("eval"):
+            assert "dtm_ds.train" not in imported, name  # entrypoints are not libraries
+        assert not {m for m in imported if m.startswith("tests")}, name
+    morph = ast.parse((ROOT / "dtm_ds" / "morph.py").read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.ImportFrom)}
+    assert roots <= {"collections", "typing", "torch"}, roots  # morph.py imports only torch
+
+
+def test_no_import_cycles():
+    """Imports between this repository's modules, at module level or inside functions, form no cycle."""
+    modules = _modules()
+    graph = {name: _imports(path, modules, top_level_only=False) - {name} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in graph.get(name, ()):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(dep) :], dep]))
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_no_sys_path_edits_but_the_pretraining_entrypoint():
+    """Only ``deepspeed dtm_ds/train.py`` needs one: its own folder must not shadow top-level modules."""
+    editing = sorted(str(path.relative_to(ROOT)) for path in _modules().values() if "sys.path" in path.read_text())
+    assert editing == ["dtm_ds/train.py"]
