@@ -1,6 +1,5 @@
 """A timm BEiT classifier (mean pooling) initialised from a dtm_ds student, and image datasets for it."""
 
-
 import torch
 from PIL import Image
 from timm.models.beit import Beit, checkpoint_filter_fn
