@@ -2,6 +2,10 @@
 bench), no import cycles, no entrypoint imported as a library, no sys.path edits."""
 
 import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,12 +21,10 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _imports(path: Path, modules: dict[str, Path], top_level_only: bool) -> set[str]:
-    """This repository's modules that ``path`` imports (at module level only, or anywhere)."""
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """This repository's modules that ``path`` imports, at module level or inside functions."""
     names = set()
-    for node in nodes:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -30,25 +32,40 @@ def _imports(path: Path, modules: dict[str, Path], top_level_only: bool) -> set[
     return {name for name in names if name in modules}
 
 
-def test_floors_and_entrypoints():
+def _scan() -> dict:
+    """Every module's imports of this repository's modules (anywhere in the file), and the top-level
+    packages morph.py imports."""
     modules = _modules()
-    for name, path in modules.items():
-        imported = _imports(path, modules, top_level_only=False)
+    morph = ast.parse((ROOT / "dtm_ds" / "morph.py").read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.ImportFrom)}
+    graph = {name: sorted(_imports(path, modules) - {name}) for name, path in modules.items()}
+    return {"graph": graph, "morph_roots": sorted(roots)}
+
+
+@functools.cache
+def scan() -> dict:
+    """``_scan()`` in a fresh interpreter: CPython 3.11's ``ast.parse`` can fail with "AST constructor
+    recursion depth mismatch" after other tests changed the interpreter's recursion state."""
+    code = "import json, tests.test_layout as t; print(json.dumps(t._scan()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def test_floors_and_entrypoints():
+    for name, imported in scan()["graph"].items():
         if name.startswith(("dtm_ds", "data_prep")):
             assert not {m for m in imported if m.startswith(("eval", "bench"))}, name  # no upward imports
         if name.startswith("eval"):
             assert "dtm_ds.train" not in imported, name  # entrypoints are not libraries
         assert not {m for m in imported if m.startswith("tests")}, name
-    morph = ast.parse((ROOT / "dtm_ds" / "morph.py").read_text())
-    roots = {a.name.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.Import) for a in n.names}
-    roots |= {n.module.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.ImportFrom)}
+    roots = set(scan()["morph_roots"])
     assert roots <= {"collections", "typing", "torch"}, roots  # morph.py imports only torch
 
 
 def test_no_import_cycles():
     """Imports between this repository's modules, at module level or inside functions, form no cycle."""
-    modules = _modules()
-    graph = {name: _imports(path, modules, top_level_only=False) - {name} for name, path in modules.items()}
+    graph = scan()["graph"]
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(name: str, path: list[str]) -> None:
