@@ -174,9 +174,8 @@ def write_results(out_dir: Path, model: str, results: dict) -> None:
         if name == "ade20k":
             rows.append(f"| ade20k | mIoU | {_num(result.get('mIoU'))} | – |")
         else:
-            paper = PAPER.get((name, model))
-            top1 = f"{name} top-1" if name != "imagenet" else "imagenet top-1"
-            rows.append(f"| {name} | {top1} (best) | {_num(result.get('best_top1'))} | {_num(paper)} |")
+            paper = _num(PAPER.get((name, model)))
+            rows.append(f"| {name} | {name} top-1 (best) | {_num(result.get('best_top1'))} | {paper} |")
     text = f"# DTM reproduction: {model}\n\n" + "\n".join(rows) + "\n"
     tmp = out_dir / ".results.md.tmp"
     tmp.write_text(text)
