@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run, kill fuzz): ~10 min
+# The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run, kill fuzz): ~12 min
 test-faults: $(STAMP)
 	$(PY) -m pytest tests/faults -m "" -s $(PYTEST_ARGS)
 

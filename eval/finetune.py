@@ -200,9 +200,7 @@ class FineTuner:
     def fit(self) -> dict[str, float]:
         tag = checkpoint.latest_tag(self.output_dir, prefix="epoch")
         if tag is not None:
-            with checkpoint.weights_only():
-                folder = str(checkpoint.checkpoint_dir(self.output_dir))
-                _, client = self.engine.load_checkpoint(folder, tag, load_lr_scheduler_states=False)
+            client = checkpoint.load(self.engine, self.output_dir, tag)
             self.state = {k: client.get(k, v) for k, v in self.state.items()}  # older runs: epoch, best_top1
         self.epoch_loss = torch.tensor(self.state["epoch_loss"], dtype=torch.float64, device=self.device)
         self.micro_steps, self.stop_requested = 0, False
