@@ -3,6 +3,7 @@
 Nothing here is in the user's config; with the variable unset every function is a cheap no-op.
 
     DTM_FAULTS='{"nan_micro": [2, 3]}'                 # micro-steps (0-based, this rank) whose loss is NaN
+    DTM_FAULTS='{"nan_micro": [2], "rank": 1}'         # ... on rank 1 only
     DTM_FAULTS='{"kill_in_save": 8}'                   # SIGKILL halfway through writing checkpoint 8's first file
     DTM_FAULTS='{"kill_in_save": 8, "fraction": 0.2}'  # ... after 20% of its bytes
     DTM_FAULTS='{"kill_in_save": 8, "file": 1}'        # ... of its second file
@@ -23,8 +24,10 @@ def _faults() -> dict:
 
 
 def nan_loss(micro: int) -> bool:
-    """True when the test asked for a NaN loss at this micro-step."""
-    return micro in _faults().get("nan_micro", ())
+    """True when the test asked for a NaN loss at this micro-step (on this rank, when it names one)."""
+    faults = _faults()
+    on_rank = faults.get("rank") in (None, int(os.environ.get("RANK", "0")))
+    return on_rank and micro in faults.get("nan_micro", ())
 
 
 def arm_checkpoint_kill(engine, index: int) -> None:

@@ -164,6 +164,22 @@ def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference,
     torch.testing.assert_close(losses, {s: reference[s] for s in losses}, rtol=1e-6, atol=0)
 
 
+def test_a_nonfinite_loss_on_one_rank_drops_the_window_on_every_rank(images, tmp_path):
+    """2 ranks; rank 1 alone gets a NaN loss at its micro-step 2 (window 2). Both ranks drop that window: the
+    run equals one where both ranks got the NaN there (had rank 0 stepped alone, the all-reduced NaN gradient
+    or diverged parameters would show in every later loss), and the checkpoint counts one skipped window."""
+    ds = _ds_json(tmp_path / "ds.json", 4)
+    one, both = tmp_path / "one", tmp_path / "both"
+    _run(_two_ranks(29651, images, one, ds, 6, "--run.save_every=3"), env=_env({"nan_micro": [2], "rank": 1}))
+    _run(_two_ranks(29652, images, both, ds, 6, "--run.save_every=3"), env=_env({"nan_micro": [2]}))
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_windows"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 1)]
+    assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows)  # finite
+    assert _losses(one) == _losses(both)
+    states = torch.load(one / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["train_state"]["step"] == 6 and states["train_state"]["skipped_windows"] == 1
+
+
 def test_zero3_on_another_number_of_ranks_is_refused_before_any_step(images, tmp_path):
     """DeepSpeed's universal checkpoint does not carry ZeRO-3's optimizer state exactly (measured: the
     first step after an elastic resume is off by 2e-5): a clear error instead of a silent drift."""
