@@ -164,6 +164,20 @@ def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference,
     torch.testing.assert_close(losses, {s: reference[s] for s in losses}, rtol=1e-6, atol=0)
 
 
+def test_grow_from_one_rank_to_two(images, tmp_path):
+    """The other direction: 1 rank x accumulation 2 (ZeRO-2, bf16) for 4 steps, then the same run on 2 ranks x
+    accumulation 1. The 1-rank optimizer state goes through the universal format, and every step equals an
+    uninterrupted 2-rank run's (rtol 1e-6)."""
+    extra, out = {"bf16": {"enabled": True}}, tmp_path / "run"
+    _run(_train_cmd(images, out, _ds_json(tmp_path / "acc.json", 4, 2, accum=2, **extra), 4, *LONG))
+    grown = _run(_two_ranks(29653, images, out, _ds_json(tmp_path / "ds4.json", 4, 2, **extra), 8))
+    assert "resumed from step00000004" in grown.stdout and "universal format, now on 2 ranks" in grown.stdout
+    _run(_two_ranks(29654, images, tmp_path / "ref", _ds_json(tmp_path / "r.json", 4, 2, **extra), 8))
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 9))
+    torch.testing.assert_close(losses, _losses(tmp_path / "ref"), rtol=1e-6, atol=0)
+
+
 def test_a_nonfinite_loss_on_one_rank_drops_the_window_on_every_rank(images, tmp_path):
     """2 ranks; rank 1 alone gets a NaN loss at its micro-step 2 (window 2). Both ranks drop that window: the
     run equals one where both ranks got the NaN there (had rank 0 stepped alone, the all-reduced NaN gradient
