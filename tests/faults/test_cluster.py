@@ -272,6 +272,21 @@ def test_sigkill_resume_is_exact_with_ffcv_and_with_zero2_bf16(images, beton, tm
     torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=0, atol=0)
 
 
+def test_sigkill_resume_is_exact_with_ffcv_on_two_ranks(beton, tmp_path):
+    """FFCV on 2 ranks: each rank's loader decodes its own chunks of the global order with its own decode
+    threads; a job killed after step 6 and re-run equals an uninterrupted 2-rank FFCV run bit for bit."""
+    ds, data = _ds_json(tmp_path / "ds.json", 4), ("--data.backend=ffcv", "--data.workers=1", "--run.save_every=4")
+    _run(_two_ranks(29655, beton, tmp_path / "reference", ds, 10, *data))
+    out = tmp_path / "run"
+    cmd = _two_ranks(29656, beton, out, ds, 10, *data)
+    proc = _start(cmd)
+    _wait_for_step(out, 6, proc)
+    _stop(proc, proc.pid, signal.SIGKILL)
+    resumed = _run(cmd)
+    assert re.search(r"resumed from step0000000[48]", resumed.stdout)
+    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=0, atol=0)
+
+
 @pytest.mark.faults_slow
 def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
     """20 rounds, each a fresh run of 60 steps killed at a moment drawn at random: at a uniform time within the
