@@ -241,7 +241,9 @@ class FineTuner:
 
     def save(self, tag: str, keep_last: int | None = None) -> None:
         faults.arm_checkpoint_kill(self.engine, tag)
-        state = dict(self.state) | {"epoch_loss": self.epoch_loss.tolist()}
+        # the epoch's loss sums, averaged over the ranks (a collective: every rank saves): the checkpoint holds
+        # rank 0's client state only, and every rank resumes from that mean, which keeps the epoch's mean exact
+        state = dict(self.state) | {"epoch_loss": distributed.mean_tensor(self.epoch_loss).tolist()}
         keep = keep_last or self.job.keep_last
         checkpoint.save(self.engine, self.output_dir, self.applied_steps(), state, keep, prefix="epoch", tag=tag)
 

@@ -365,3 +365,30 @@ def test_finetune_stop_with_accumulation_saves_mid_epoch_and_resumes_exactly(pre
     resumed = _run(cmd(out))
     assert _losses(out) == reference, resumed.stdout[-1000:]
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
+
+
+def test_finetune_stop_on_two_ranks_saves_mid_epoch_and_resumes_exactly(pretrained, tmp_path):
+    """Fine-tuning on 2 ranks (micro batch 4 each, global batch 8): a SIGTERM to rank 1 alone stops both
+    ranks after the same window, one mid-epoch checkpoint is written, the job exits 0, and the re-run gives
+    the per-step losses and evaluation rows of an uninterrupted 2-rank run (each epoch's train loss too: the
+    checkpoint holds the ranks' mean of the epoch's loss sums, not rank 0's own)."""
+    from tests.test_eval import finetune_cmd
+
+    def cmd(out, port):
+        extra = ("--train_per_class=7", "--eval_per_class=2", "--log_every=1", "--recipe.epochs=3")
+        return _torchrun(port) + finetune_cmd(pretrained, _ds_json(tmp_path / "ds.json", 4), out, *extra)[1:]
+
+    _run(cmd(tmp_path / "reference", 29657))
+    reference = _losses(tmp_path / "reference")
+    assert sorted(reference) == list(range(1, 25))
+    out = tmp_path / "run"
+    proc = _start(cmd(out, 29658))
+    _wait_for_step(out, 3, proc)
+    stdout, stderr, took = _stop(proc, _worker_pids(proc.pid)[1], signal.SIGTERM)
+    assert proc.returncode == 0 and took < 30, stderr[-2000:]
+    epoch, window = map(int, re.search(r"stopped by a signal in epoch (\d+) after window (\d+)", stdout).groups())
+    tag = f"epoch{epoch:08d}-step{window:08d}"
+    assert (out / "checkpoints" / "latest").read_text() == tag and is_complete(out / "checkpoints" / tag)
+    _run(cmd(out, 29659))
+    assert _losses(out) == reference
+    assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
