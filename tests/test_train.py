@@ -1,5 +1,6 @@
 """Pretraining with the real DeepSpeed engine on CPU (gloo), tiny models and generated data."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -381,3 +382,36 @@ def test_sigterm_saves_a_checkpoint_and_exits(folder, tmp_path):
     assert proc.returncode == 0 and time.time() - sent < 60
     stopped = json.loads(stdout.strip().splitlines()[-1])["step"]
     assert 3 <= stopped < 200 and (out / "checkpoints" / "latest").read_text() == f"step{stopped:08d}"
+
+
+def test_reference_init_is_bounded_at_one_std_and_rescaled():
+    """model.init=reference: linear and patch-embedding weights and the tokens cut at +-0.02 (effective std
+    about 0.0108), block outputs divided by sqrt(2 * block number); timm's init is not cut there."""
+    model = build_config("vitb").model
+    torch.manual_seed(0)
+    ref = DTMStudent(model, 512)
+    assert ref.blocks[0].mlp.fc1.weight.abs().max() <= 0.02 and ref.patch_embed.proj.weight.abs().max() <= 0.02
+    assert 0.0100 < ref.blocks[0].mlp.fc1.weight.std() < 0.0116
+    assert max(ref.cls_token.abs().max(), ref.mask_token.abs().max(), ref.lm_head.weight.abs().max()) <= 0.02
+    for i, block in enumerate(ref.blocks):
+        bound = 0.02 / (2 * (i + 1)) ** 0.5
+        assert block.attn.proj.weight.abs().max() <= bound * (1 + 1e-6) and block.mlp.fc2.weight.abs().max() <= bound
+    torch.manual_seed(0)
+    timm_init = DTMStudent(dataclasses.replace(model, init="timm"), 512)
+    assert timm_init.blocks[0].mlp.fc1.weight.abs().max() > 0.05 and timm_init.blocks[0].mlp.fc1.weight.std() > 0.019
+
+
+def test_dtm_loss_weight_and_normalised_targets_in_a_run(folder, tmp_path):
+    """dtm.loss_weight scales what is backpropagated, not what is logged: at step 1 (same weights, same
+    batch) the gradient norm is exactly proportional to the weight and the loss is the same.
+    dtm.normalize_target changes the loss itself."""
+    ds, rows = _ds_json(tmp_path / "ds.json", 8), {}
+    for name, extra in (("w1", ()), ("w2", ("--dtm.loss_weight=2",)), ("w0", ("--dtm.loss_weight=0",)),
+                        ("norm", ("--dtm.normalize_target=true",))):  # fmt: skip
+        subprocess.run(_train_cmd(folder, tmp_path / name, ds, 1, *extra), check=True, cwd=ROOT, env=_env(),
+                       capture_output=True)  # fmt: skip
+        rows[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+    assert rows["w2"]["loss"] == rows["w1"]["loss"] == rows["w0"]["loss"]
+    assert rows["w2"]["grad_norm"] == pytest.approx(2 * rows["w1"]["grad_norm"], rel=1e-6)
+    assert rows["w0"]["grad_norm"] == 0.0 and rows["w1"]["grad_norm"] > 0
+    assert rows["norm"]["loss"] != rows["w1"]["loss"] and rows["norm"]["loss"] == rows["norm"]["loss"]
