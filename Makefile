@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SYS_PKGS := pkg-config libturbojpeg0-dev libopencv-dev numactl dataset-fashion-mnist
 STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
-export DS_ACCELERATOR ?= cpu
+# No DS_ACCELERATOR here: dtm_ds/devices.py decides (DS_ACCELERATOR when set, else CUDA when present, else CPU).
 
 .PHONY: setup sysdeps test test-faults lint format bench clean demo pretrain reproduce data-imagenet check-eval-args \
 	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn eval-ade20k
@@ -54,14 +54,15 @@ bench: $(STAMP)
 # (TEACHER overrides the preset's teacher, e.g. TEACHER=clip:ViT-L-14; tiny keeps its weight-free pixels one)
 MODEL ?= vitb
 NGPUS ?= 1
-DS_CONFIG ?= ds_configs/zero2_bf16.json
+# DS_CONFIG empty: the device's default (GPU: ds_configs/zero2_bf16.json; CPU: ds_configs/cpu.json)
+DS_CONFIG ?=
 TEACHER ?=
 OUT ?= outputs/pretrain_$(MODEL)
 pretrain: $(STAMP)
 	@test -n "$(DATA)" || { echo "error: set DATA=<train .beton> (make data-imagenet writes one)"; exit 2; }
 	@test -z "$(TEACHER_WEIGHTS)" -o -f "$(TEACHER_WEIGHTS)" || { echo "error: TEACHER_WEIGHTS=$(TEACHER_WEIGHTS) does not exist"; exit 2; }
 	$(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) dtm_ds/train.py \
-	  --ds_config $(DS_CONFIG) --model $(MODEL) --output_dir $(OUT) --data.path=$(DATA) \
+	  $(if $(DS_CONFIG),--ds_config $(DS_CONFIG)) --model $(MODEL) --output_dir $(OUT) --data.path=$(DATA) \
 	  $(if $(TEACHER),--teacher.name=$(TEACHER)) $(if $(TEACHER_WEIGHTS),--teacher.weights=$(TEACHER_WEIGHTS)) $(ARGS)
 
 # ImageNet -> FFCV: make data-imagenet IMAGENET=/data/imagenet OUT_DATA=data
@@ -74,10 +75,11 @@ data-imagenet: $(STAMP)
 	  --max_side 512 --write_mode jpg --workers $$(nproc)
 
 # Downstream: CKPT = a pretraining run directory or an export; DATA = the dataset root (README: layouts)
-EVAL_DS ?= ds_configs/zero2_bf16.json
+# EVAL_DS empty: the device's default, as DS_CONFIG
+EVAL_DS ?=
 EVAL_OUT ?= outputs/eval
 FT = $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) eval/finetune.py \
-  --encoder $(CKPT) --data $(DATA) --ds_config $(EVAL_DS) $(ARGS)
+  --encoder $(CKPT) --data $(DATA) $(if $(EVAL_DS),--ds_config $(EVAL_DS)) $(ARGS)
 check-eval-args:
 	@test -n "$(CKPT)" -a -n "$(DATA)" || { echo "set CKPT=<run dir or export> DATA=<dataset root>"; exit 2; }
 eval-imagenet: $(STAMP) check-eval-args
@@ -106,7 +108,7 @@ TRANSFER_SETS := INAT18 INAT19 CUB CARS AIRCRAFT FLOWERS PETS
 lower = $(shell echo $(1) | tr A-Z a-z)
 reproduce: $(STAMP)
 	@test -n "$(DATA)" || { echo "error: set DATA=<ImageNet root with train/ and val/>"; exit 2; }
-	$(PY) eval/reproduce.py --model $(MODEL) --data $(DATA) --ngpus $(NGPUS) --ds_config $(DS_CONFIG) \
+	$(PY) eval/reproduce.py --model $(MODEL) --data $(DATA) --ngpus $(NGPUS) $(if $(DS_CONFIG),--ds_config $(DS_CONFIG)) \
 	  $(if $(TEACHER_WEIGHTS),--teacher_weights $(TEACHER_WEIGHTS)) $(if $(HOSTFILE),--hostfile $(HOSTFILE)) \
 	  $(if $(ADE20K),--ade20k $(ADE20K)) $(foreach t,$(TRANSFER_SETS),$(if $($(t)),--$(call lower,$(t)) $($(t)))) $(ARGS)
 

@@ -111,7 +111,7 @@ def save(
     checkpoint is never touched before its successor is complete, and a kill at any moment leaves at
     worst a staging folder, which nothing resumes from and the next save removes. A failed write (full
     disk) removes the staging folder and raises ``CheckpointError``. ``tag`` fixes the name (``best``)."""
-    import torch.distributed as dist
+    from dtm_ds import distributed
 
     folder = checkpoint_dir(output_dir)
     tag = tag or f"{prefix}{step:08d}"
@@ -121,8 +121,7 @@ def save(
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(f"{STAGING}*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     failure = None
     try:
         engine.save_checkpoint(str(folder), tag=staging.name, client_state=client_state, save_latest=False)
@@ -139,8 +138,7 @@ def save(
             f"removing the partial folder. The last complete checkpoint, {previous or 'none'}, is intact: "
             "free space and re-run the same command to resume."
         )
-    if dist.is_initialized():
-        dist.barrier()
+    distributed.barrier()
     if rank0:
         _publish(staging, folder / tag, step)
         if tag != "best":

@@ -66,7 +66,11 @@ class TeacherConfig:
     weights: str | None = None
     """Local weights file for clip/timm teachers (OpenAI TorchScript archive or state dict). Never downloaded."""
     dtype: str = "auto"
-    """'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (GPU only)."""
+    """Compute precision, as autocast: 'auto' (fp16 on GPU, the paper's setting; fp32 on CPU), 'fp16' (GPU
+    only), 'bf16' or 'fp32' (no autocast)."""
+    weights_dtype: str = "stored"
+    """The teacher's weights: 'stored' (as the file holds them: fp16 for OpenAI's archives, as the reference
+    runs CLIP; fp32 on CPU), 'fp32', or 'compute' (cast to ``dtype``: the least memory)."""
     input_norm: str = "student"
     """'student': the teacher sees the student's ImageNet-normalised input, as the reference feeds CLIP;
     'own': re-normalised to the teacher's own statistics (CLIP's mean and std)."""
@@ -83,6 +87,8 @@ class TeacherConfig:
             )
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"teacher.dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
+        if self.weights_dtype not in ("stored", "fp32", "compute"):
+            raise ValueError(f"teacher.weights_dtype must be stored, fp32 or compute, got {self.weights_dtype!r}")
         if self.input_norm not in ("own", "student"):
             raise ValueError(f"teacher.input_norm must be 'own' or 'student', got {self.input_norm!r}")
         if self.target not in ("projected", "pre_projection"):
@@ -330,7 +336,10 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2))
 
 
-WRITTEN_BEFORE = {"model": {"rel_pos_bias": "shared", "init": "timm"}, "teacher": {"input_norm": "own"}}
+WRITTEN_BEFORE = {
+    "model": {"rel_pos_bias": "shared", "init": "timm"},
+    "teacher": {"input_norm": "own", "weights_dtype": "compute"},
+}
 """What a config.json written before a field existed meant by leaving it out (the defaults then)."""
 
 

@@ -33,9 +33,9 @@ class _CropDataset(Dataset):
 class FolderSource:
     """Decoded uint8 [B, 3, S, S] crops and labels for a given sample order, from worker processes."""
 
-    def __init__(self, spec: LoaderSpec):
+    def __init__(self, spec: LoaderSpec, device: torch.device):
         self.dataset = _CropDataset(spec)
-        self.spec = spec
+        self.spec, self.device = spec, device
         self.num_samples = len(self.dataset)
 
     def batches(self, order: np.ndarray, epoch: int):
@@ -46,7 +46,7 @@ class FolderSource:
             sampler=items,
             num_workers=self.spec.workers,
             drop_last=True,
-            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",  # batches land in pinned memory: the copy to the GPU is async
         )
         for images, labels in loader:
             yield images, labels.long()

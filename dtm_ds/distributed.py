@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from dtm_ds import devices
+from dtm_ds.devices import ROOT
 
 
 def _free_port() -> int:
@@ -22,7 +23,9 @@ def _free_port() -> int:
 
 
 def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU) and return this rank's device.
+    """Initialise torch.distributed through DeepSpeed and return this rank's device: the accelerator that
+    ``devices.accelerator()`` decides (exported to DeepSpeed, so its engine agrees), NCCL on CUDA, gloo
+    on CPU.
 
     A plain ``python dtm_ds/train.py`` run has no launcher environment: it becomes rank 0 of 1.
     A collective that waits ``timeout_s`` for a rank that hangs raises instead of blocking forever (a rank
@@ -34,19 +37,34 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
     os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    accel = os.environ["DS_ACCELERATOR"] = devices.accelerator()
+    if accel == "cpu":
         _announce_op_build()
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
-    cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(
-        dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=datetime.timedelta(seconds=timeout_s)
-    )
-    if cuda:
+    if get_accelerator().device_name() != accel:  # DeepSpeed decided before us (imported and used earlier)
+        raise RuntimeError(f"DeepSpeed runs on {get_accelerator().device_name()!r} but this run on {accel!r}")
+    backend = "nccl" if accel == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=datetime.timedelta(seconds=timeout_s))
+    if accel == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cpu")
+
+
+def planned_world(env: dict | None = None) -> int:
+    """The world size the launcher asked for (WORLD_SIZE, or SLURM's task count), readable before ``init``:
+    user input is checked against it before any distributed set-up."""
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+
+
+def init_plain() -> None:
+    """A process group for a library that launches itself (mmengine's ``launcher=pytorch``) where it
+    cannot: on CPU (its own launcher assumes CUDA devices). On CUDA the library initialises NCCL itself."""
+    if devices.accelerator() == "cpu" and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
 
 
 def _announce_op_build() -> None:
@@ -86,6 +104,11 @@ def close() -> None:
         torch.distributed.destroy_process_group()
 
 
+def backend() -> str:
+    """The process group's backend ('nccl', 'gloo'), or 'none' before ``init``."""
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -94,11 +117,19 @@ def world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def comm_device(group_backend: str | None = None) -> torch.device:
+    """Where the process group's collectives take their tensors: this rank's GPU for NCCL, the host for
+    gloo (and when there is no group)."""
+    nccl = (group_backend or backend()) == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
 def agree(flag: torch.Tensor, local: bool) -> tuple[bool, bool]:
     """``(any rank's flag, any rank's local)``: one all-reduce of two numbers and one transfer to the host,
-    identical on every rank. ``flag`` is a device bool scalar; ``local`` a host bool (filled on the device
-    by a kernel, not copied: a host-to-device copy would wait for the device)."""
-    both = torch.stack([flag.float().reshape(()), torch.full((), float(local), device=flag.device)])
+    identical on every rank. ``flag`` is a bool scalar on the compute device; ``local`` a host bool (filled
+    on the device by a kernel, not copied: a host-to-device copy would wait for the device)."""
+    comm = comm_device()
+    both = torch.stack([flag.float().reshape(()).to(comm), torch.full((), float(local), device=comm)])
     if world() > 1:
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     first, second = both.tolist()
@@ -121,7 +152,7 @@ def on_rank0(fn: Callable):
             error = err
     if world() > 1:
         box = [(result, error)]
-        torch.distributed.broadcast_object_list(box, src=0)
+        torch.distributed.broadcast_object_list(box, src=0, device=comm_device())
         result, error = box[0]
     if error is not None:
         raise error
@@ -129,22 +160,26 @@ def on_rank0(fn: Callable):
 
 
 def gather_rows(row: torch.Tensor) -> torch.Tensor:
-    """[world, K]: every rank's 1-D ``row`` (a collective; CPU result)."""
+    """[world, K]: every rank's 1-D ``row`` (a collective), on the host."""
     if world() == 1:
         return row.reshape(1, -1).cpu()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    rows = [torch.empty_like(row, device=device) for _ in range(world())]
-    torch.distributed.all_gather(rows, row.to(device))
+    comm = comm_device()
+    rows = [torch.empty_like(row, device=comm) for _ in range(world())]
+    torch.distributed.all_gather(rows, row.to(comm))
     return torch.stack(rows).cpu()
 
 
-def mean_tensor(value: torch.Tensor) -> torch.Tensor:
-    """Average of a tensor over the ranks (a collective), on the host."""
-    value = value.detach().double().clone()
+def sum_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over the ranks (a collective), in float64 on the host, wherever ``value`` is."""
+    value = value.detach().to(comm_device(), torch.float64, copy=True)
     if world() > 1:
         torch.distributed.all_reduce(value)
-        value /= world()
     return value.cpu()
+
+
+def mean_tensor(value: torch.Tensor) -> torch.Tensor:
+    """Average of a tensor over the ranks (a collective), in float64 on the host, wherever ``value`` is."""
+    return sum_tensor(value) / world()
 
 
 class Watchdog:

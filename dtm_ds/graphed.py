@@ -23,13 +23,18 @@ class GraphedMorph:
         self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compile) if compile else fn
         self.graphs: dict[tuple, tuple] = {}
 
+    def prepare(self, targets: Tensor, schedule: Tensor) -> None:
+        """Capture the graph for inputs shaped like these now (before the loader's threads start), not at the
+        first step; a no-op where no graph is used."""
+        key = _key(targets, schedule)
+        if self.cuda_graph and targets.is_cuda and key not in self.graphs:
+            self.graphs[key] = self._capture(targets, schedule)
+
     def __call__(self, targets: Tensor, schedule: Tensor) -> Morphed:
         if not (self.cuda_graph and targets.is_cuda):
             return Morphed(*self.fn(targets, schedule))
-        key = (tuple(targets.shape), targets.dtype, tuple(schedule.shape), targets.device)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(targets, schedule)
-        graph, static_targets, static_schedule, morphed = self.graphs[key]
+        self.prepare(targets, schedule)
+        graph, static_targets, static_schedule, morphed = self.graphs[_key(targets, schedule)]
         static_targets.copy_(targets)
         static_schedule.copy_(schedule, non_blocking=True)
         graph.replay()
@@ -45,6 +50,11 @@ class GraphedMorph:
                 self.fn(static_targets, static_schedule)
         torch.cuda.current_stream(targets.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: a loader thread that records CUDA events meanwhile (FFCV) does not break the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             morphed = Morphed(*self.fn(static_targets, static_schedule))
         return graph, static_targets, static_schedule, morphed
+
+
+def _key(targets: Tensor, schedule: Tensor) -> tuple:
+    return tuple(targets.shape), targets.dtype, tuple(schedule.shape), targets.device

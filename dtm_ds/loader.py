@@ -1,15 +1,15 @@
 """The pretraining loader: batches of augmented images and masks from an FFCV .beton or a data_prep
 source, in the run's global order (dtm_ds/data.py), on the training device."""
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from dtm_ds.config import Config
-from dtm_ds.data import LoaderSpec, augment_on_device, epoch_order, normalize
-from dtm_ds.data_ffcv import FFCVSource
-from dtm_ds.data_torchvision import FolderSource
+from dtm_ds.data import LoaderSpec, augment_on_device, check_beton, epoch_order, normalize
+from dtm_ds.devices import cap_workers, to_device
 from dtm_ds.masking import BlockMasking
 
 
@@ -20,9 +20,10 @@ class PretrainLoader:
     """
 
     def __init__(self, spec: LoaderSpec, device: torch.device | str = "cpu"):
+        spec = dataclasses.replace(spec, workers=cap_workers(spec.workers, f"{spec.backend} loader"))
         self.spec, self.device = spec, torch.device(device)
         self.masking = BlockMasking(spec.grid, spec.num_masked, min(spec.min_mask_block, max(spec.num_masked, 1)))
-        self.source = FFCVSource(spec, self.device) if spec.backend == "ffcv" else FolderSource(spec)
+        self.source = _source(spec, self.device)
         self.batches_per_epoch = len(epoch_order(self.source.num_samples, spec, 0)) // spec.batch_size
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
@@ -36,11 +37,28 @@ class PretrainLoader:
             yield {"images": x, "masks": self._to_device(masks), "labels": self._to_device(labels)}
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host tensor to the training device; through pinned memory on GPU, so the copy does not wait
-        for the device (a copy from pageable memory synchronises the stream)."""
-        if self.device.type != "cuda":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return to_device(t, self.device)
+
+
+def check_source(spec: LoaderSpec) -> None:
+    """The data of ``spec`` opens (a .beton's header, a source's listing): a clear error before any set-up."""
+    if spec.backend == "ffcv":
+        check_beton(spec.path)
+    else:
+        from data_prep.sources import detect
+
+        detect(spec.path, "train")
+
+
+def _source(spec: LoaderSpec, device: torch.device):
+    """The backend's source, imported only when used: a machine without FFCV can train from a folder."""
+    if spec.backend == "ffcv":
+        from dtm_ds.data_ffcv import FFCVSource
+
+        return FFCVSource(spec, device)
+    from dtm_ds.data_torchvision import FolderSource
+
+    return FolderSource(spec, device)
 
 
 def loader_spec(config: Config, ds_config: dict, rank: int = 0, world: int = 1) -> LoaderSpec:

@@ -16,7 +16,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Teacher(nn.Module):
-    """Frozen wrapper: re-normalises the input, runs ``encode`` in ``dtype`` without autograd, returns fp32."""
+    """Frozen wrapper: re-normalises the input, runs ``encode`` under ``dtype`` autocast (none for fp32)
+    without autograd, returns fp32."""
 
     def __init__(self, encoder: nn.Module, dim: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=torch.float32):
         super().__init__()
@@ -32,8 +33,9 @@ class Teacher(nn.Module):
 
     @torch.no_grad()  # there is no backpropagation through the teacher, so no need for gradients
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() * self.scale + self.shift).to(self.dtype)
-        return self.encode(x).float()
+        x = images.float() * self.scale + self.shift
+        with torch.autocast(x.device.type, self.dtype, enabled=self.dtype != torch.float32):
+            return self.encode(x).float()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -85,7 +87,10 @@ def build_teacher(cfg: TeacherConfig, model: ModelConfig, device: torch.device) 
         teacher = _checkpoint(name, model)
     teacher.dtype = dtype
     teacher = teacher.to(device=device)
-    teacher.encoder.to(dtype)
+    if cfg.weights_dtype == "compute":
+        teacher.encoder.to(dtype)
+    elif cfg.weights_dtype == "fp32" or dtype == torch.float32 or device.type == "cpu":
+        teacher.encoder.float()  # no autocast to cast fp16 weights for fp32 compute (nor fp16 kernels on CPU)
     with torch.no_grad():
         probe = teacher(torch.zeros(1, 3, model.img_size, model.img_size, device=device))
     if probe.shape[1] != model.grid**2:
@@ -96,9 +101,29 @@ def build_teacher(cfg: TeacherConfig, model: ModelConfig, device: torch.device) 
     return teacher
 
 
+def precision(cfg: TeacherConfig, accel: str) -> str:
+    """What ``cfg`` means on ``accel`` ('cuda' or 'cpu'), in words (``--print_config``, the start line)."""
+    dtype = str(_dtype(cfg.dtype, torch.device(accel))).removeprefix("torch.")
+    if dtype == "float32":
+        return f"float32 on {accel} (weights in float32, no autocast)"
+    weights = {"stored": "the weights as stored (OpenAI archives: float16)", "fp32": "float32 weights"}
+    if accel == "cpu" and cfg.weights_dtype == "stored":
+        weights["stored"] = "float32 weights (CPU)"
+    return f"{dtype} autocast on {accel} over {weights.get(cfg.weights_dtype, f'{dtype} weights')}"
+
+
+def check_files(cfg: TeacherConfig) -> None:
+    """The teacher's files exist (before any set-up; ``build_teacher`` reads them later)."""
+    kind, _, name = cfg.name.partition(":")
+    if kind in ("clip", "timm"):
+        _weights_file(cfg)
+    elif kind == "checkpoint" and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"teacher {cfg.name}: {name} does not exist (a dtm_ds run folder or export)")
+
+
 def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name == "auto":  # the paper's setting: fp16 autocast (OpenAI's CLIP weights are fp16-native)
+        return torch.float16 if device.type == "cuda" else torch.float32
     if name == "fp16" and device.type == "cpu":
         raise ValueError("teacher.dtype fp16 is not supported on CPU; use fp32 or bf16")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

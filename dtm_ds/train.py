@@ -26,17 +26,19 @@ if __package__ in (None, ""):  # run as a script: the package folder must not sh
 
 import torch
 
-from dtm_ds import checkpoint, distributed, faults
+from dtm_ds import checkpoint, devices, distributed, faults
 from dtm_ds.config import Config, build_config
 from dtm_ds.data import seed_of
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, local_grad_norm, lr_factor, param_groups, set_lr
 from dtm_ds.graphed import GraphedMorph
-from dtm_ds.loader import PretrainLoader, loader_spec
+from dtm_ds.loader import PretrainLoader, check_source, loader_spec
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
 from dtm_ds.morph import morphed_loss, sample_schedule
 from dtm_ds.run_record import check_and_record, resolved_settings
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
+from dtm_ds.teacher import check_files as check_teacher_files
+from dtm_ds.teacher import precision as teacher_precision
 from dtm_ds.visualize import morph_figure
 
 
@@ -72,6 +74,8 @@ class Trainer:
         self.dtype, self.peak_lr = engine_dtype(self.ds_config), o.peak_lr(self.ds_config["train_batch_size"])
         self.warmup = round(o.warmup_epochs * self.steps_per_epoch)
         self.morph = GraphedMorph(self.config.dtm.protect_first, run.cuda_graph, run.compile)
+        shape = (self.ds_config["train_micro_batch_size_per_gpu"], self.config.model.grid**2, self.teacher.dim)
+        self.morph.prepare(torch.zeros(shape, device=self.device), self.schedule_for(0, 0))  # before loader threads
         if run.compile:
             self.engine.compile(backend=run.compile)
         self.flops_per_image = step_flops(self.teacher, self.config.model, self.teacher.dim, self.device)
@@ -187,7 +191,7 @@ class Trainer:
 
 
 def main(
-    ds_config: str = "ds_configs/cpu.json",
+    ds_config: str | None = None,
     model: str = "vitb",
     output_dir: str | None = None,
     max_steps: int | None = None,
@@ -199,6 +203,7 @@ def main(
 
     Args:
         ds_config: DeepSpeed JSON (micro batch, accumulation, precision, ZeRO stage, clipping); see ds_configs/.
+            Default: ds_configs/zero2_bf16.json on a GPU machine, ds_configs/cpu.json on a CPU one.
         model: preset: tiny (CPU, pixels teacher), vits, vitb, vitl or vith.
         output_dir: the run folder (same as --run.output_dir); a re-run resumes it.
         max_steps: stop after this many optimizer steps (same as --run.max_steps; the lr schedule still
@@ -210,16 +215,17 @@ def main(
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
     overrides |= {k: v for k, v in (("run.output_dir", output_dir), ("run.max_steps", max_steps)) if v is not None}
     config = build_config(model, overrides)
+    ds_path, chosen = devices.resolve_ds_config(ds_config)
     if print_config:
-        print(json.dumps(resolved_settings(config, model, ds_config), indent=2))
+        print(json.dumps(resolved_settings(config, model, ds_path) | {"ds_config_chosen": chosen}, indent=2))
         return
+    world = distributed.planned_world()
+    engine_cfg = check_inputs(config, ds_path, world)  # before the distributed set-up: it builds DeepSpeed's ops
     device = distributed.init(local_rank, config.run.dist_timeout_s)
-    out, world = config.run.output_dir, distributed.world()
-    engine_cfg = engine_config(ds_config, world, config.optim.batch_size)
+    out = config.run.output_dir
     trainer = Trainer(config, engine_cfg, device)
     tag = checkpoint.latest_tag(out, prefix="step")
     done = checkpoint.checkpoint_step(out, tag) if tag else 0
-    check_and_record(config, engine_cfg, world, write=False)  # nothing is written before this
     if done >= trainer.max_steps:  # a finished run re-run writes nothing
         if distributed.rank() == 0:
             print(checkpoint.finished_message(out, tag, trainer.max_steps), flush=True)
@@ -227,6 +233,8 @@ def main(
     tag = checkpoint.resume_tag(out, tag, engine_cfg, world)  # another world: through the universal format
     trainer.build()  # teacher weights, student, engine: their errors come before any file is written
     check_and_record(config, engine_cfg, world, write=distributed.rank() == 0, target_dim=trainer.teacher.dim)
+    if distributed.rank() == 0:
+        print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", trainer), flush=True)
     if tag:
         trainer.resume(tag)
     try:
@@ -241,6 +249,29 @@ def main(
         done = trainer.state.step >= trainer.max_steps  # False: stopped by a signal, a re-run continues
         print(json.dumps({"done": done, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
     distributed.close()
+
+
+def check_inputs(config: Config, ds_path: str, world: int) -> dict:
+    """Every file and setting a run reads, checked for ``world`` ranks before any distributed set-up; returns
+    the DeepSpeed config. The data source is opened (its header or listing), the teacher's files are
+    looked for, an existing run folder's records are compared."""
+    engine_cfg = engine_config(ds_path, world, config.optim.batch_size)
+    check_source(loader_spec(config, engine_cfg, 0, world))
+    check_teacher_files(config.teacher)
+    check_and_record(config, engine_cfg, world, write=False)  # nothing is written before this
+    return engine_cfg
+
+
+def start_line(config: Config, preset: str, engine_cfg: dict, device: torch.device, ds_config: str, trainer) -> str:
+    """One line at the start of a run: where it computes, with which engine settings and teacher precision."""
+    zero = engine_cfg.get("zero_optimization", {}).get("stage", 0)
+    micro, accum, world = engine_cfg["train_micro_batch_size_per_gpu"], trainer.accum, trainer.world
+    return (
+        f"pretraining {preset} on {world} x {device.type} ({distributed.backend()}); DeepSpeed config "
+        f"{ds_config}: {str(engine_dtype(engine_cfg)).removeprefix('torch.')}, ZeRO {zero}, global batch "
+        f"{engine_cfg['train_batch_size']} = {micro} x {accum} x {world}; teacher {config.teacher.name} in "
+        f"{teacher_precision(config.teacher, device.type)}; {trainer.max_steps} steps of {trainer.total_steps}"
+    )
 
 
 if __name__ == "__main__":

@@ -67,6 +67,14 @@ class ListingImages(Dataset):
 @torch.no_grad()
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
     """Correct counts at each k (k capped by the number of classes)."""
+    return [int(n) for n in hit_counts(logits, labels, ks)[:-1].tolist()]
+
+
+def hit_counts(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """float64 [len(ks) + 1] on the logits' device: correct counts at each k (k capped by the number of
+    classes), then the number of samples. No host synchronisation."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return [int(hits[:, :k].any(1).sum()) for k in ks]
+    samples = torch.full((), len(labels), device=logits.device)  # a fill, not a host-to-device copy
+    counts = [hits[:, :k].any(1).sum() for k in ks] + [samples]
+    return torch.stack(counts).double()

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from data_prep.datasets import open_listing
 from data_prep.sources import Listing, select
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+from dtm_ds.devices import accelerator, cap_workers, to_device
 from dtm_ds.students import encoder_config, load_student
 from eval.classifier import ListingImages
 
@@ -38,8 +39,8 @@ class Probe:
     """Resize to size / crop_ratio, then centre-crop (timm's evaluation transform)."""
     blocks: int = 1
     """Concatenate the mean-pooled tokens of the last ``blocks`` blocks."""
-    workers: int = 1
-    """DataLoader workers."""
+    workers: int = 8
+    """DataLoader workers (capped by the cores of this machine)."""
     seed: int = 0
     """Seed of a random-init encoder."""
 
@@ -86,39 +87,57 @@ def frozen_features(probe: Probe):
     if split in ("train", "trainval"):
         raise ValueError(f"eval_split {probe.eval_split!r} is training data; evaluate on val or test")
     test_set = open_listing(probe.val, split, probe.dataset)
-    common = {"crop_ratio": probe.crop_ratio, "blocks": probe.blocks, "workers": probe.workers, "pixels": probe.pixels}
+    workers = cap_workers(probe.workers, "probe loader")
+    common = {"crop_ratio": probe.crop_ratio, "blocks": probe.blocks, "workers": workers, "pixels": probe.pixels}
     train_x, train_y = extract(model, train_set, name="train", **common)
     test_x, test_y = extract(model, test_set, name=split, **common)
     return train_x, train_y, test_x, test_y, len(train_set.classes)
 
 
+def probe_device() -> torch.device:
+    """The probes' device: the GPU when this machine's accelerator is CUDA, else the CPU."""
+    return torch.device("cuda" if accelerator() == "cuda" else "cpu")
+
+
 @torch.no_grad()
-def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False):
+def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False,
+            device: torch.device | None = None):  # fmt: skip
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
     applied; ``pixels``: the input image flattened) and labels [n], on timm's evaluation transform (bicubic
-    resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr."""
+    resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr. The encoder
+    runs on ``device`` (default: ``probe_device()``; in bf16 autocast on a GPU); the results are fp32 on the
+    host."""
     from tqdm import tqdm
 
-    encoder.eval()
+    device = probe_device() if device is None else device
+    encoder = encoder.eval().to(device)
     size = encoder.patch_embed.img_size[0]
     transform = create_transform(
         size, is_training=False, interpolation="bicubic", crop_pct=crop_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
-    loader = DataLoader(ListingImages(listing, transform), batch_size=batch, num_workers=workers)
-    depth = len(encoder.blocks)
+    loader = DataLoader(ListingImages(listing, transform), batch_size=batch, num_workers=workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)  # fmt: skip
     feats, labels = [], []
     for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True):
+        labels.append(y)
         if pixels:
             feats.append(x.flatten(1))
-            labels.append(y)
             continue
-        if blocks == 1:
-            tokens = [encoder.forward_features(x)[:, encoder.num_prefix_tokens :]]
-        else:
-            maps = encoder.forward_intermediates(
-                x, indices=list(range(depth - blocks, depth)), norm=True, output_fmt="NLC", intermediates_only=True
-            )
-            tokens = [m[:, encoder.num_prefix_tokens :] for m in maps]
-        feats.append(torch.cat([t.mean(1) for t in tokens], dim=1))
-        labels.append(y)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(_pooled(encoder, to_device(x, device), blocks).float().to("cpu", non_blocking=True))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the non-blocking copies to the host are done
     return torch.cat(feats), torch.cat(labels)
+
+
+def _pooled(encoder, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[B, blocks * D]: the mean patch token of each of the last ``blocks`` blocks (final norm applied)."""
+    depth = len(encoder.blocks)
+    if blocks == 1:
+        tokens = [encoder.forward_features(x)[:, encoder.num_prefix_tokens :]]
+    else:
+        maps = encoder.forward_intermediates(
+            x, indices=list(range(depth - blocks, depth)), norm=True, output_fmt="NLC", intermediates_only=True
+        )
+        tokens = [m[:, encoder.num_prefix_tokens :] for m in maps]
+    return torch.cat([t.mean(1) for t in tokens], dim=1)

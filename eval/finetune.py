@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_prep.datasets import open_listing
 from data_prep.sources import select
-from dtm_ds import checkpoint, distributed, faults
+from dtm_ds import checkpoint, devices, distributed, faults
 from dtm_ds.config import build_config, coerce
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD, seed_of
+from dtm_ds.devices import cap_workers, to_device
 from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, no_decay_names, set_lr
 from dtm_ds.logs import RunLog
 from dtm_ds.students import encoder_config
-from eval.classifier import ListingImages, accuracy, build_classifier, load_pretrained
+from eval.classifier import ListingImages, build_classifier, hit_counts, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for
 
 SPLITS = {
@@ -58,8 +59,8 @@ class Job:
     """The run folder: checkpoints/, eval.jsonl, metrics.jsonl, tb/; a re-run resumes it."""
     random_init: bool = False
     """Keep the architecture, not the weights (the baseline)."""
-    workers: int = 2
-    """DataLoader workers per rank."""
+    workers: int = 8
+    """DataLoader workers per rank (capped by the cores of the node shared by its ranks)."""
     seed: int = 0
     """Seed of the head, the data order and every augmentation."""
     keep_last: int = 2
@@ -74,14 +75,20 @@ class Job:
     """Optimizer steps between lines of metrics.jsonl."""
 
 
+def open_sets(job: Job):
+    """``(train listing, evaluation listing)`` of ``job``: clear errors for a wrong root or layout."""
+    train_split, eval_split = SPLITS.get(job.dataset, ("trainval", "test"))
+    reader = None if job.dataset == "fmnist" else job.dataset
+    train_set = select(open_listing(job.data, train_split, reader), per_class=job.train_per_class)
+    return train_set, select(open_listing(job.data, eval_split, reader), per_class=job.eval_per_class)
+
+
 class FineTuner:
-    def __init__(self, job: Job, recipe: Recipe, ds_config: dict, device: torch.device):
+    def __init__(self, job: Job, recipe: Recipe, ds_config: dict, device: torch.device, sets=None):
         self.job, self.recipe, self.device = job, recipe, device
+        self.workers = cap_workers(job.workers, "fine-tuning loader")
         self.output_dir, self.seed = job.output_dir, job.seed
-        train_split, eval_split = SPLITS.get(job.dataset, ("trainval", "test"))
-        reader = None if job.dataset == "fmnist" else job.dataset
-        self.train_set = select(open_listing(job.data, train_split, reader), per_class=job.train_per_class)
-        self.eval_set = select(open_listing(job.data, eval_split, reader), per_class=job.eval_per_class)
+        self.train_set, self.eval_set = sets or open_sets(job)
         self.classes = len(self.train_set.classes)
         torch.manual_seed(job.seed)
         model = build_classifier(encoder_config(job.encoder), self.classes, recipe.drop_path, recipe.img_size)
@@ -145,7 +152,9 @@ class FineTuner:
             order = list(sampler)[start * self.micro : self.steps_per_epoch * self.accum * self.micro]
         else:  # every image exactly once over the ranks (no padding, unlike DistributedSampler)
             order = list(range(distributed.rank(), len(dataset), distributed.world()))
-        return DataLoader(dataset, batch_size=self.micro, sampler=order, num_workers=self.job.workers)
+        pin, ahead = self.device.type == "cuda", 4 if self.workers else None  # pinned: async copies to the GPU
+        return DataLoader(dataset, self.micro, sampler=order, num_workers=self.workers, pin_memory=pin,
+                          prefetch_factor=ahead)  # fmt: skip
 
     def train_epoch(self, log: RunLog) -> bool:
         """The rest of the current epoch, window by window; False when a stop signal ended it early (all
@@ -160,7 +169,7 @@ class FineTuner:
                 images, labels = next(batches)
                 for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path
                     seeder(seed_of(self.seed, s["epoch"], s["epoch_step"], rank * self.accum + m, bits=32))
-                images, labels = images.to(self.device), labels.to(self.device)
+                images, labels = to_device(images, self.device), to_device(labels, self.device)
                 if self.mixup:
                     images, labels = self.mixup(images, labels)
                 loss = self.criterion(self.engine(images.to(self.dtype)).float(), labels)
@@ -189,12 +198,11 @@ class FineTuner:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        counts = torch.zeros(3, dtype=torch.float64)
+        counts = torch.zeros(3, dtype=torch.float64, device=self.device)  # top-1, top-5 hits, images
         for images, labels in self.loader(False, 0):
-            logits = self.engine(images.to(self.device).to(self.dtype)).float().cpu()
-            counts += torch.tensor([*accuracy(logits, labels), len(labels)], dtype=torch.float64)
-        counts = distributed.mean_tensor(counts) * distributed.world()  # sums: each image counted once
-        top1, top5, images = counts.tolist()
+            images, labels = to_device(images, self.device), to_device(labels, self.device)
+            counts += hit_counts(self.engine(images.to(self.dtype)).float(), labels)  # on the device: no sync
+        top1, top5, images = distributed.sum_tensor(counts).tolist()  # each image counted once over the ranks
         return {"top1": 100 * top1 / images, "top5": 100 * top5 / images, "eval_images": int(images)}
 
     def fit(self) -> dict[str, float]:
@@ -269,7 +277,7 @@ def main(
     encoder: str | None = None,
     dataset: str | None = None,
     data: str | None = None,
-    ds_config: str = "ds_configs/cpu.json",
+    ds_config: str | None = None,
     model: str | None = None,
     print_config: bool = False,
     local_rank: int | None = None,
@@ -281,7 +289,8 @@ def main(
         encoder: a pretraining run folder (its latest checkpoint) or an export.
         dataset: a recipe of eval/recipes.py (imagenet, inat18, inat19, cub, cars, aircraft, flowers, pets, fmnist).
         data: the dataset root (README: layouts) or a data_prep source.
-        ds_config: DeepSpeed JSON; micro batch x accumulation x ranks must equal --recipe.batch_size.
+        ds_config: DeepSpeed JSON; micro batch x accumulation x ranks must equal --recipe.batch_size. Default:
+            ds_configs/zero2_bf16.json on a GPU machine, ds_configs/cpu.json on a CPU one.
         model: with --print_config and no --encoder: the preset whose size picks the recipe (vitb, vitl, ...).
         print_config: print the resolved job, recipe and peak lr as JSON and exit; reads no data or weights.
         local_rank: set by the deepspeed launcher.
@@ -307,15 +316,20 @@ def main(
     job = Job(encoder, dataset, data, **job)
     architecture = encoder_config(encoder) if encoder else build_config(model).model
     recipe = dataclasses.replace(recipe_for(dataset, architecture.depth), **tweaks)
+    ds_path, chosen = devices.resolve_ds_config(ds_config)
     if print_config:
-        print(json.dumps(resolved_settings(job, recipe, architecture, ds_config, model), indent=2))
+        print(json.dumps(resolved_settings(job, recipe, architecture, ds_path, model), indent=2))
         return None
-    device = distributed.init(local_rank)
-    engine_cfg = engine_config(ds_config, distributed.world(), recipe.batch_size, "recipe.batch_size")
+    # every user input before the distributed set-up (which builds DeepSpeed's ops)
+    engine_cfg = engine_config(ds_path, distributed.planned_world(), recipe.batch_size, "recipe.batch_size")
     engine_cfg["gradient_clipping"] = recipe.clip_grad  # the recipe's, not the pretraining JSON's 3.0
-    tuner = FineTuner(job, recipe, engine_cfg, device)  # data, encoder and engine errors: nothing written yet
+    sets = open_sets(job)
+    device = distributed.init(local_rank)
+    tuner = FineTuner(job, recipe, engine_cfg, device, sets)  # encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:
+        print(f"fine-tuning on {distributed.world()} x {device.type} ({distributed.backend()}); DeepSpeed config "
+              f"{ds_path} ({chosen}); {tuner.workers} loader workers per rank", flush=True)  # fmt: skip
         print(f"peak lr {tuner.peak:g} = recipe.lr {recipe.lr:g} x global batch {engine_cfg['train_batch_size']} / "
               f"recipe.lr_batch {recipe.lr_batch} (linear scaling); gradient clipping {recipe.clip_grad:g} "
               f"(recipe.clip_grad, 0: none)", flush=True)  # fmt: skip

@@ -12,19 +12,22 @@ import json
 import torch
 import torch.nn.functional as F
 
-from eval.features import Probe, evaluated_split, frozen_features, make_probe
+from eval.features import Probe, evaluated_split, frozen_features, make_probe, probe_device
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
-    """Top-1 of a similarity-weighted vote among the k nearest training features (DINO)."""
+    """Top-1 of a similarity-weighted vote among the k nearest training features (DINO), computed on the
+    training features' device, ``chunk`` test rows at a time."""
+    device = train_x.device
+    train_y = train_y.to(device)
     classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(test_x), chunk):
-        sims, idx = (test_x[start : start + chunk] @ train_x.T).topk(k, dim=1)
+        sims, idx = (test_x[start : start + chunk].to(device) @ train_x.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
-        votes = torch.zeros(len(idx), classes).scatter_add_(1, train_y[idx], weights)
-        correct += (votes.argmax(1) == test_y[start : start + chunk]).sum().item()
-    return correct / len(test_x)
+        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, train_y[idx], weights)
+        correct += (votes.argmax(1) == test_y[start : start + chunk].to(device)).sum()
+    return correct.item() / len(test_x)
 
 
 def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dict:
@@ -37,7 +40,8 @@ def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dic
     """
     probe = make_probe(encoder, options)
     train_x, train_y, test_x, test_y, _ = frozen_features(probe)
-    train_x, test_x = F.normalize(train_x, dim=-1), F.normalize(test_x, dim=-1)
+    device = probe_device()  # the vote runs where the encoder ran
+    train_x, test_x = F.normalize(train_x.to(device), dim=-1), F.normalize(test_x.to(device), dim=-1)
     result = {
         "encoder": encoder,
         "random_init": probe.random_init,

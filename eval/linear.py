@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from eval.classifier import accuracy
-from eval.features import Probe, evaluated_split, frozen_features, make_probe
+from eval.features import Probe, evaluated_split, frozen_features, make_probe, probe_device
 
 
 def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1e-3, batch: int = 256, seed: int = 0):
     """BatchNorm1d(affine=False) + Linear trained with AdamW and a cosine schedule on cached features."""
     torch.manual_seed(seed)
     probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], classes))
+    probe, train_y = probe.to(train_x.device), train_y.to(train_x.device)  # trains where the features are
     optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * -(-len(train_x) // batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -43,9 +44,10 @@ def main(encoder: str, epochs: int = 100, lr: float = 1e-3, **options) -> dict:
     """
     probe = make_probe(encoder, options)
     train_x, train_y, test_x, test_y, classes = frozen_features(probe)
-    linear = train_probe(train_x, train_y, classes, epochs, lr, seed=probe.seed)
+    device = probe_device()
+    linear = train_probe(train_x.to(device), train_y, classes, epochs, lr, seed=probe.seed)
     with torch.no_grad():
-        top1, top5 = accuracy(linear(test_x), test_y)
+        top1, top5 = accuracy(linear(test_x.to(device)), test_y.to(device))
     result = {
         "encoder": encoder,
         "random_init": probe.random_init,

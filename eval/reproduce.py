@@ -34,7 +34,7 @@ def main(
     ngpus: int = 1,
     hostfile: str | None = None,
     launcher: str = "deepspeed",
-    ds_config: str = "ds_configs/zero2_bf16.json",
+    ds_config: str | None = None,
     ade20k: str | None = None,
     pretrain_args: str = "",
     finetune_args: str = "",
@@ -52,7 +52,8 @@ def main(
         ngpus: processes per node.
         hostfile: a DeepSpeed hostfile for several nodes.
         launcher: 'deepspeed' (GPUs) or 'python' (one process, e.g. CPU).
-        ds_config: DeepSpeed JSON of pretraining and fine-tuning (the recipes' batches must agree with it).
+        ds_config: DeepSpeed JSON of pretraining and fine-tuning (the recipes' batches must agree with it);
+            default: each stage's own for this machine (GPU: ds_configs/zero2_bf16.json; CPU: ds_configs/cpu.json).
         ade20k: the ADEChallengeData2016 root; without it the ADE20K stage is skipped.
         pretrain_args: more dtm_ds/train.py options, as one string.
         finetune_args: more eval/finetune.py options for every fine-tuning stage.
@@ -79,13 +80,14 @@ def main(
                      "--max_side", "512", "--write_mode", "proportion", "--compress_probability", "0.5",
                      "--workers", workers], out_dir / "data" / "log.txt")  # fmt: skip
     teacher = [f"--teacher.weights={teacher_weights}"] if teacher_weights else []
+    ds = ["--ds_config", ds_config] if ds_config else []
     pretrain = run.stage("pretrain", "dtm_ds/train.py", [
-        "--ds_config", ds_config, "--model", model, "--output_dir", str(out_dir / "pretrain"),
+        *ds, "--model", model, "--output_dir", str(out_dir / "pretrain"),
         f"--data.path={beton}", "--data.backend=ffcv", *teacher, *shlex.split(pretrain_args)])  # fmt: skip
     results = {"pretrain": pretrain}
     for name, root in [("imagenet", data), *((k, transfers[k]) for k in TRANSFERS if k in transfers)]:
         results[name] = run.stage(name, "eval/finetune.py", [
-            "--encoder", str(out_dir / "pretrain"), "--dataset", name, "--data", root, "--ds_config", ds_config,
+            "--encoder", str(out_dir / "pretrain"), "--dataset", name, "--data", root, *ds,
             "--output_dir", str(out_dir / name), *shlex.split(finetune_args)])  # fmt: skip
         write_results(out_dir, model, results)
     if ade20k:

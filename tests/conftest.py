@@ -2,11 +2,21 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from data_prep.synthetic import texture, write_class_folder  # noqa: F401  (the tests' images)
+from dtm_ds.devices import accelerator
 
-from data_prep.synthetic import texture, write_class_folder  # noqa: E402,F401  (the tests' images)
+# DeepSpeed follows dtm_ds's decision in this process and in every run the tests start (CUDA where present)
+os.environ.setdefault("DS_ACCELERATOR", accelerator())
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.ranks(n)``: the test starts n ranks; on a CUDA machine each needs its own GPU (NCCL)."""
+    marker = item.get_closest_marker("ranks")
+    if marker and os.environ["DS_ACCELERATOR"] == "cuda" and torch.cuda.device_count() < marker.args[0]:
+        pytest.skip(f"{marker.args[0]} ranks need {marker.args[0]} GPUs here ({torch.cuda.device_count()} present)")
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ def runs(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.ranks(2)
 def test_logged_loss_is_the_window_and_rank_mean(runs):
     windows, single = _rows(runs / "windows"), _rows(runs / "single")
     assert [r["step"] for r in windows] == list(range(1, STEPS + 1))
@@ -61,6 +62,7 @@ def test_logged_loss_is_the_window_and_rank_mean(runs):
     assert windows[-1]["img_per_s_per_rank"] == pytest.approx(windows[-1]["img_per_s"] / 2)
 
 
+@pytest.mark.ranks(2)
 def test_logged_lr_is_the_one_the_step_used(runs):
     """Global batch 8 (lr 4e-3 x sqrt(8 / 2048)), 5 steps per epoch, 2 epochs, warm-up 2 steps."""
     peak = 4e-3 * math.sqrt(8 / 2048)
@@ -75,6 +77,7 @@ def test_logged_lr_is_the_one_the_step_used(runs):
     }
 
 
+@pytest.mark.ranks(2)
 def test_a_tiny_lr_survives_metrics_jsonl_and_tensorboard(runs):
     (row,) = _rows(runs / "tiny_lr")
     assert row["lr"] == 1.6e-8 * math.sqrt(8 / 2048) and 0.99e-9 < row["lr"] < 1.01e-9  # not rounded to 0 or 1e-09

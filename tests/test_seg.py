@@ -160,6 +160,7 @@ def test_bad_input(ade, tmp_path):
     assert done.returncode != 0 and "ADE20K root" in done.stderr and "Iter(train)" not in done.stdout
 
 
+@pytest.mark.ranks(2)
 def test_two_process_run_through_torchrun(ade, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *SEG[1:], "--launcher", "pytorch",

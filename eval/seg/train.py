@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import eval.seg  # noqa: F401  (mmcv-lite shim before any mmseg import)
+from dtm_ds import devices, distributed
 from dtm_ds.config import build_config
 from dtm_ds.students import encoder_config
 from eval.seg.data import check_ade20k
@@ -159,7 +160,7 @@ def build_cfg(
     cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=val_interval)
     cfg.default_hooks.checkpoint.interval = checkpoint_interval
     cfg.default_hooks.logger.interval = log_interval
-    if not torch.cuda.is_available():
+    if devices.accelerator() == "cpu":
         cfg.env_cfg.dist_cfg = dict(backend="gloo")
         cfg.env_cfg.cudnn_benchmark = False
         if launcher != "none":  # DDP on CPU takes no device ids (mmengine's default passes LOCAL_RANK)
@@ -205,8 +206,8 @@ def main(
     print(f"ADE20K at {data}: {counts}", flush=True)
     cfg = build_cfg(data, output_dir, **kwargs)
     trust_checkpoints(output_dir, checkpoint)
-    if cfg.launcher != "none" and not torch.cuda.is_available():
-        torch.distributed.init_process_group("gloo")  # mmengine's own launcher assumes CUDA devices
+    if cfg.launcher != "none":
+        distributed.init_plain()  # on CPU: mmengine's own launcher assumes CUDA devices
     if test_only:
         cfg.load_from, cfg.resume = checkpoint, False
         if multi_scale:
@@ -218,8 +219,7 @@ def main(
     if not test_only:
         runner.train()
     runner.visualizer.close()  # flushes TensorBoard: the process ends without teardown (cli.run)
-    if torch.distributed.is_initialized():  # before teardown: gloo's threads can abort a finished rank at exit
-        torch.distributed.destroy_process_group()
+    distributed.close()  # before teardown: gloo's threads can abort a finished rank at exit
     return result
 
 
