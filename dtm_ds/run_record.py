@@ -117,11 +117,15 @@ def resolved_settings(config: Config, preset: str, ds_config: str, world: int | 
     """Every setting a pretraining run of ``preset`` with ``ds_config`` on ``world`` ranks (default: the
     environment's WORLD_SIZE, else 1) would use (``dtm_ds/train.py --print_config``; docs/REPRODUCE.md's
     table holds them)."""
+    from dtm_ds.devices import accelerator
     from dtm_ds.engine import engine_config
+    from dtm_ds.teacher import precision
 
     world = world or int(os.environ.get("WORLD_SIZE", 1))
+    accel = accelerator()
 
     engine = engine_layout(engine_config(ds_config, world, config.optim.batch_size), world)
     peak = config.optim.peak_lr(engine["train_batch_size"])
     derived = {"peak_lr": peak, "peak_lr_rule": f"optim.lr {config.optim.lr:g} x sqrt(global batch / 2048)"}
+    derived |= {"accelerator": accel, "teacher_precision": {a: precision(config.teacher, a) for a in ("cuda", "cpu")}}
     return {"preset": preset, "ds_config": ds_config, "engine": engine, **derived, **config.to_dict()}

@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -7,6 +8,12 @@ from PIL import Image
 
 from data_prep.synthetic import texture, write_class_folder  # noqa: F401  (the tests' images)
 from dtm_ds.devices import accelerator
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
 
 # DeepSpeed follows dtm_ds's decision in this process and in every run the tests start (CUDA where present)
 os.environ.setdefault("DS_ACCELERATOR", accelerator())
@@ -72,6 +79,31 @@ def write_ade20k(root, n_train: int = 6, n_val: int = 3, size=(48, 64), seed=0):
             Image.fromarray(img).save(root / "images" / split / f"{name}.jpg", quality=95)
             Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip config registered under 'dtm-test-clip' and weights saved by the test."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "dtm-test-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    weights = folder / "weights.pt"
+    torch.save(open_clip.create_model("dtm-test-clip", pretrained=None).state_dict(), weights)
+    return str(weights)
+
+
+@pytest.fixture(scope="session")
+def small_beton(tmp_path_factory):
+    """A .beton of 24 generated 40x56 images in two classes."""
+    from data_prep.write_ffcv import convert
+
+    root = tmp_path_factory.mktemp("pre")
+    write_class_folder(root / "src", {"a": 12, "b": 12}, size=(40, 56))
+    convert(str(root / "src"), str(root / "pre.beton"), workers=1)
+    return root / "pre.beton"
 
 
 @pytest.fixture(scope="session")

@@ -99,14 +99,6 @@ def test_fashion_mnist_from_debian_package(tmp_path):
     assert np.array_equal(rows[0][0][..., 1], first.arrays[0]) and rows[0][1] == first.labels[0]
 
 
-@pytest.fixture(scope="module")
-def small_beton(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pre")
-    write_class_folder(root / "src", {"a": 12, "b": 12}, size=(40, 56))
-    convert(str(root / "src"), str(root / "pre.beton"), workers=1)
-    return root / "pre.beton"
-
-
 def _spec(path, **kw):
     return LoaderSpec(path=str(path), **{"batch_size": 4, "image_size": 32, "patch_size": 8, "num_masked": 6} | kw)
 

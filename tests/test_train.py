@@ -20,25 +20,6 @@ from dtm_ds.teacher import build_teacher
 from tests.conftest import write_class_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CLIP = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny open_clip config registered under 'dtm-test-clip' and weights saved by the test."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / "dtm-test-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder)
-    torch.manual_seed(0)
-    weights = folder / "weights.pt"
-    torch.save(open_clip.create_model("dtm-test-clip", pretrained=None).state_dict(), weights)
-    return str(weights)
 
 
 def test_student_gets_all_gradients_and_clip_teacher_none(tiny_clip):
