@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYS_PKGS := pkg-config libturbojpeg0-dev libopencv-dev numactl dataset-fashion-mnist
 STAMP := $(VENV)/.installed
+# the launcher; a machine with DeepSpeed installed elsewhere: make -o $(STAMP) pretrain DEEPSPEED="python3 -m deepspeed.launcher.runner"
+DEEPSPEED ?= $(VENV)/bin/deepspeed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # No DS_ACCELERATOR here: dtm_ds/devices.py decides (DS_ACCELERATOR when set, else CUDA when present, else CPU).
 
@@ -61,7 +63,7 @@ OUT ?= outputs/pretrain_$(MODEL)
 pretrain: $(STAMP)
 	@test -n "$(DATA)" || { echo "error: set DATA=<train .beton> (make data-imagenet writes one)"; exit 2; }
 	@test -z "$(TEACHER_WEIGHTS)" -o -f "$(TEACHER_WEIGHTS)" || { echo "error: TEACHER_WEIGHTS=$(TEACHER_WEIGHTS) does not exist"; exit 2; }
-	$(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) dtm_ds/train.py \
+	$(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) dtm_ds/train.py \
 	  $(if $(DS_CONFIG),--ds_config $(DS_CONFIG)) --model $(MODEL) --output_dir $(OUT) --data.path=$(DATA) \
 	  $(if $(TEACHER),--teacher.name=$(TEACHER)) $(if $(TEACHER_WEIGHTS),--teacher.weights=$(TEACHER_WEIGHTS)) $(ARGS)
 
@@ -78,7 +80,7 @@ data-imagenet: $(STAMP)
 # EVAL_DS empty: the device's default, as DS_CONFIG
 EVAL_DS ?=
 EVAL_OUT ?= outputs/eval
-FT = $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) eval/finetune.py \
+FT = $(DEEPSPEED) $(if $(HOSTFILE),--hostfile $(HOSTFILE),--num_gpus $(NGPUS)) eval/finetune.py \
   --encoder $(CKPT) --data $(DATA) $(if $(EVAL_DS),--ds_config $(EVAL_DS)) $(ARGS)
 check-eval-args:
 	@test -n "$(CKPT)" -a -n "$(DATA)" || { echo "set CKPT=<run dir or export> DATA=<dataset root>"; exit 2; }

@@ -1,31 +1,202 @@
-"""GPU checks and timings in one short call (bench/gpu_check.sh runs it; ``--dry_run`` shrinks it for CPU).
+"""One prepared call for a lent GPU machine: every check a CPU cannot make, each part printing one
+PASS/FAIL line with its figures; the exit status is 1 unless every part passed.
 
-1. Partitions: on a GPU, the CUDA graph replayed for 20 sampled schedules against the eager CPU path;
-   in the CPU dry run, the static full-width path the GPU runs (``morph_levels(static=True)``) against
-   the slow reference of bench/morph_reference.py. Either can fail, and then the check exits 1.
-2. Morphing + loss, eager vs CUDA graph, ms.
-3. A ViT-B/16 DTM training step through the DeepSpeed engine with a ViT-B/16 CLIP-architecture teacher
-   (random weights), batch 64, bf16: the bench_train table, DTM on and off.
-A short summary table is printed last.
+    bash bench/gpu_check.sh              # on the GPU machine (within 9 minutes on one H200)
+    bash bench/gpu_check.sh --dry_run    # the CPU rehearsal: the same parts at tiny sizes
+
+1. wheels      GPU: the carried deepspeed, open_clip, ffcv and fire import. Dry run: python3.12 installs the
+               wheelhouse into a clean folder, ffcv's native library loads there, and every requirement of every
+               wheel is in the wheelhouse or on the GPU machine.
+2. partitions  the CUDA graph replayed for 20 schedules against the eager CPU path (dry run: the static path
+               the GPU runs against the slow reference of bench/morph_reference.py).
+3. morph_ms    morphing + loss, eager vs CUDA graph.
+4. gpu_tests   the tests marked gpu (graph replay, CLIP towers from timm and open_clip in fp16/bf16, collectives
+               on NCCL); dry run: they are collected.
+5. train_step  the real ``Trainer.window`` at ViT-B/16 on a generated FFCV .beton, with an open_clip
+               CLIP-B/16-architecture teacher (random weights from a file) in its default precision, ZeRO-2 bf16
+               (ds_configs/zero2_bf16.json) and the CUDA graph: img/s, MFU, peak memory, the DTM share.
+6. memory      peak GPU memory per preset at micro batch 64 (two real windows each, one process each).
+7. pretrain    ``make pretrain`` on a tiny generated .beton: a SIGTERM at micro-step 3 ends it with a checkpoint
+               and exit 0, a re-run resumes to step 8; the losses against an uninterrupted run.
+
+``python -m bench.gpu_check window ...`` is part 5/6's worker (one JSON line).
 """
 
-import importlib.util
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from bench.bench_train import main as bench_train
-from bench.morph_reference import canonical, reference_groups
-from dtm_ds.graphed import GraphedMorph
-from dtm_ds.morph import morph_levels, morphed_loss, sample_schedule
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("vits", "vitb", "vitl", "vith")
+CHECK_CLIP = {  # the dry run's CLIP: the tiny preset's 8x8 grid at 32 px
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
+    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+}
 
 
-def _time(fn, device, repeats=20):
+class Parts:
+    """Runs each part, prints its PASS/FAIL line; an exception or a missing prerequisite is a FAIL with why."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, bool, str]] = []
+
+    def __call__(self, name: str, fn, *args) -> None:
+        start = time.perf_counter()
+        try:
+            ok, figures = fn(*args)
+        except Exception as err:  # the part failed: say why, go on with the others
+            ok, figures = False, f"{type(err).__name__}: {str(err).strip()[-600:]}"
+        self.rows.append((name, ok, figures))
+        print(f"{'PASS' if ok else 'FAIL'} {name} ({time.perf_counter() - start:.0f} s): {figures}", flush=True)
+
+    def summary(self) -> int:
+        passed = sum(ok for _, ok, _ in self.rows)
+        print(f"\n=== gpu_check: {passed}/{len(self.rows)} parts passed ===")
+        for name, ok, figures in self.rows:
+            print(f"{'PASS' if ok else 'FAIL'} {name:<11} {figures}")
+        print(json.dumps({"bench": "gpu_check", "passed": passed, "parts": len(self.rows),
+                          **{name: {"ok": ok, "figures": figures} for name, ok, figures in self.rows}}))  # fmt: skip
+        return 0 if passed == len(self.rows) else 1
+
+
+def _run(cmd: list[str], timeout: float, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])} | (env or {})
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _tail(done: subprocess.CompletedProcess) -> str:
+    return (done.stderr or done.stdout).strip()[-600:]
+
+
+# 1. wheels ------------------------------------------------------------------------------------------------------
+_GPU_HAS = """torch torchvision timm numpy numba opencv-python-headless tqdm psutil packaging msgpack einops ninja
+    py-cpuinfo huggingface-hub regex safetensors typing-extensions tensorboard nvidia-ml-py pillow pyyaml filelock"""
+GPU_HAS = frozenset(_GPU_HAS.split())
+"""Packages the GPU machine has (device tool, KINDS.md) that the wheels ask for."""
+SATISFIED_BY = {"opencv-python": "opencv-python-headless"}  # the same cv2 module
+
+
+def wheels(dry_run: bool, wheelhouse: Path) -> tuple[bool, str]:
+    if not dry_run:
+        import importlib
+        from importlib.metadata import version
+
+        for module in ("deepspeed", "open_clip", "ffcv", "fire"):
+            importlib.import_module(module)
+        names = ("deepspeed", "open_clip_torch", "ffcv", "fire")
+        return True, "imported " + ", ".join(f"{n} {version(n)}" for n in names)
+    files = sorted(wheelhouse.glob("*.whl"))
+    if not files:
+        return False, f"no wheels in {wheelhouse}: run bash bench/device_wheels.sh first"
+    mb = sum(f.stat().st_size for f in files) / 2**20
+    missing = _unmet_requirements(files)
+    py312 = _python312()
+    if py312 is None:
+        return False, "no python3.12 here to install the wheelhouse with"
+    with tempfile.TemporaryDirectory() as target:
+        done = _run([py312, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", target,
+                     *map(str, files)], 300)  # fmt: skip
+        if done.returncode:
+            return False, f"python3.12 could not install the wheelhouse: {_tail(done)}"
+        native = sorted(Path(target, "ffcv").glob("_libffcv*.so"))
+        code = "import ctypes, sys; ctypes.CDLL(sys.argv[1]); import fire, hjson, pydantic, ftfy, fastargs; print('ok')"
+        load = _run([py312, "-c", code, str(native[0]) if native else "none"], 60, {"PYTHONPATH": target})
+        if load.returncode or load.stdout.strip() != "ok":
+            return False, f"ffcv's native library or a pure wheel did not load under python3.12: {_tail(load)}"
+    figures = f"{len(files)} wheels, {mb:.1f} MiB, installed by python3.12, ffcv's {native[0].name} loads"
+    return not missing, figures + (f"; requirements nowhere: {missing}" if missing else "; every requirement met")
+
+
+def _unmet_requirements(files: list[Path]) -> list[str]:
+    """Requirements of the wheels (Python 3.12 on Linux, no extras) found neither among them nor on the GPU."""
+    import zipfile
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    env = default_environment() | {"python_version": "3.12", "python_full_version": "3.12.3", "extra": ""}
+    have = {canonicalize_name(f.name.split("-")[0]) for f in files} | {canonicalize_name(n) for n in GPU_HAS}
+    unmet = set()
+    for wheel in files:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = z.read(meta).decode().splitlines()
+        for line in lines:
+            if line.startswith("Requires-Dist:"):
+                req = Requirement(line.split(":", 1)[1].strip())
+                name = canonicalize_name(SATISFIED_BY.get(req.name, req.name))
+                if (req.marker is None or req.marker.evaluate(env)) and name not in have:
+                    unmet.add(f"{req.name} (for {wheel.name.split('-')[0]})")
+    return sorted(unmet)
+
+
+def _python312() -> str | None:
+    candidates = ["python3.12", *sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.12*/bin/python3.12"))]
+    for c in candidates:
+        try:
+            done = subprocess.run([c, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"], capture_output=True,
+                                  text=True, timeout=30)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.stdout.strip() == "True":
+            return c
+    return None
+
+
+# 2, 3. the DTM step -----------------------------------------------------------------------------------------------
+def partitions(dry_run: bool) -> tuple[bool, str]:
+    from bench.morph_reference import canonical, reference_groups
+    from dtm_ds.graphed import GraphedMorph
+    from dtm_ds.morph import morph_levels, sample_schedule
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    b, n, c = (2, 49, 16) if dry_run else (64, 196, 512)
+    gen = torch.Generator(device=device).manual_seed(0)
+    targets = torch.randn(b, n, c, device=device, generator=gen)
+    graphed, equal = GraphedMorph(cuda_graph=True), 0
+    schedules = [sample_schedule([n, n], [7 if dry_run else 14] * 2, gen) for _ in range(20)]
+    for schedule in schedules:
+        if dry_run:
+            got = morph_levels(targets, schedule, static=True).groups
+            want = [[canonical(reference_groups(t, merges.tolist())) for t in targets] for merges in schedule]
+        else:
+            got = graphed(targets, schedule).groups.cpu()
+            want = [[canonical(g.tolist()) for g in lv] for lv in morph_levels(targets.cpu(), schedule.cpu()).groups]
+        equal += int([[canonical(g.tolist()) for g in level] for level in got] == want)
+    graphs = "" if dry_run else f", {len(graphed.graphs)} graph captured"
+    return equal == len(schedules), f"partitions equal: {equal}/{len(schedules)} (B={b}, N={n}){graphs}"
+
+
+def morph_ms(dry_run: bool) -> tuple[bool, str]:
+    from dtm_ds.graphed import GraphedMorph
+    from dtm_ds.morph import morphed_loss, sample_schedule
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    b, n, c = (2, 49, 16) if dry_run else (64, 196, 512)
+    gen = torch.Generator(device=device).manual_seed(0)
+    targets = torch.randn(b, n, c, device=device, generator=gen)
+    pred = torch.randn(b, n, c, device=device, generator=gen, requires_grad=True)
+    schedule = sample_schedule([n, n], [7 if dry_run else 14] * 2, gen)
+
+    def step(morph):
+        morphed_loss(pred, targets, morph(targets, schedule), "smooth_l1", 2.0).mean().backward()
+
+    eager, graph = (_median_ms(lambda m=m: step(m), device) for m in (GraphedMorph(cuda_graph=False), GraphedMorph()))
+    return True, f"morph+loss eager {eager:.2f} ms, graph {graph:.2f} ms (B={b}; {eager / graph:.1f}x)"
+
+
+def _median_ms(fn, device: torch.device, repeats: int = 20) -> float:
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -33,58 +204,209 @@ def _time(fn, device, repeats=20):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * statistics.median(times[2:])
 
 
-def main(dry_run: bool = False) -> dict:
-    device = torch.device("cpu" if dry_run else "cuda")
-    b, n, c = (2, 49, 16) if dry_run else (64, 196, 512)
-    gen = torch.Generator(device=device).manual_seed(0)
-    targets = torch.randn(b, n, c, device=device, generator=gen)
-    pred = torch.randn(b, n, c, device=device, generator=gen, requires_grad=True)
-    graphed = GraphedMorph(cuda_graph=True)
-    schedules = [sample_schedule([n, n], [7 if dry_run else 14] * 2, gen) for _ in range(20)]
-    equal = 0
-    for schedule in schedules:
-        if dry_run:  # the GPU's full-width path against the slow reference
-            got = morph_levels(targets, schedule, static=True).groups
-            want = [[canonical(reference_groups(t, merges.tolist())) for t in targets] for merges in schedule]
-        else:  # the replayed graph against the eager CPU path (host plan)
-            got = graphed(targets, schedule).groups.cpu()
-            want = [
-                [canonical(g.tolist()) for g in level] for level in morph_levels(targets.cpu(), schedule.cpu()).groups
-            ]
-        equal += int([[canonical(g.tolist()) for g in level] for level in got] == want)
-
-    def step(morph):
-        morphed_loss(pred, targets, morph(targets, schedules[0]), "smooth_l1", 2.0).mean().backward()
-
-    eager_ms = _time(lambda: step(GraphedMorph(cuda_graph=False)), device)
-    graph_ms = _time(lambda: step(graphed), device)
-    train = {"device": str(device)}
-    if importlib.util.find_spec("deepspeed"):  # the step goes through the DeepSpeed engine
-        preset, teacher, batch, steps = ("tiny", "pixels", 4, 2) if dry_run else ("vitb", "clip", 64, 10)
-        train = bench_train(preset=preset, teacher=teacher, batch=batch, steps=steps, device=str(device))
-    else:
-        print("DeepSpeed is not installed here: the training-step timing is skipped")
-    rows = {
-        "device": train["device"],
-        "partitions equal": f"{equal}/{len(schedules)}",
-        f"morph+loss eager ms (B={b})": round(eager_ms, 2),
-        f"morph+loss graph ms (B={b})": round(graph_ms, 2),
-        "train img/s dtm on": train.get("dtm_on_img_s"),
-        "train img/s dtm off": train.get("dtm_off_img_s"),
-        "dtm cost % of the step": train.get("dtm_cost_pct"),
-        "MFU % (dtm on)": train.get("dtm_on_mfu_pct"),
-    }
-    print("\n=== gpu_check ===")
-    for key, value in rows.items():
-        print(f"{key:>30}: {value}")
-    print(json.dumps({"bench": "gpu_check", **rows}))
-    if equal != len(schedules):
-        sys.exit(f"partitions differ for {len(schedules) - equal} of {len(schedules)} schedules")
-    return rows
+# 4. the gpu-marked tests ------------------------------------------------------------------------------------------
+def gpu_tests(dry_run: bool) -> tuple[bool, str]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py"]
+    done = _run([*cmd, "--collect-only"] if dry_run else cmd, 400)
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else _tail(done)
+    if dry_run:
+        return done.returncode == 0 and "collected" in last, f"collected (no CUDA here): {last}"
+    return done.returncode == 0, last if done.returncode == 0 else done.stdout[-1500:]
 
 
-if __name__ == "__main__":  # no fire here: the GPU machine has only torch, timm and triton
-    main(dry_run="--dry_run" in sys.argv[1:])
+# 5, 6. the real training window -----------------------------------------------------------------------------------
+def make_data(folder: Path, images: int, size: int) -> Path:
+    """A generated class folder converted to an FFCV .beton (``size`` px images)."""
+    from data_prep.synthetic import write_class_folder
+    from data_prep.write_ffcv import convert
+
+    beton = folder / f"check_{size}.beton"
+    if not beton.exists():
+        write_class_folder(folder / f"src_{size}", {"a": images // 2, "b": images - images // 2}, size=(size, size))
+        convert(str(folder / f"src_{size}"), str(beton), workers=min(8, os.cpu_count() or 1))
+    return beton
+
+
+def make_teacher(folder: Path, name: str) -> Path:
+    """Random weights of open_clip's ``name`` as a state-dict file (nothing is downloaded)."""
+    import open_clip
+
+    if name == "dtm-check-clip":
+        (folder / "dtm-check-clip.json").write_text(json.dumps(CHECK_CLIP))
+        open_clip.add_model_config(folder / "dtm-check-clip.json")
+    path = folder / f"{name}.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model(name, pretrained=None).state_dict(), path)
+    return path
+
+
+def train_step(dry_run: bool, folder: Path) -> tuple[bool, str]:
+    preset, clip, size = ("tiny", "dtm-check-clip", 40) if dry_run else ("vitb", "ViT-B-16", 256)
+    row = _window_worker(folder, preset, clip, size, 4 if dry_run else 64, 3 if dry_run else 30)
+    img_s, peak = row["img_s"], row["peak_gib"]
+    mfu = f"MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "MFU n/a (no peak for this device)"
+    figures = (f"{preset} micro {row['micro']}: {img_s:.0f} img/s, {mfu}, peak {peak:.2f} GiB, DTM "
+               f"{100 * row['dtm_share']:.1f} % of a synchronised window, teacher {row['teacher']}, loss "
+               f"{row['loss']:.4f}, {row['graphs']} graph(s)")  # fmt: skip
+    graphed = dry_run or row["graphs"] == 1
+    return row["finite"] and graphed and img_s > 0, figures
+
+
+def memory(dry_run: bool, folder: Path) -> tuple[bool, str]:
+    presets = ("tiny",) if dry_run else PRESETS
+    cells, ok = [], True
+    for preset in presets:
+        clip = "dtm-check-clip" if dry_run else ("ViT-L-14" if preset == "vith" else "ViT-B-16")
+        try:
+            row = _window_worker(folder, preset, clip, 40 if dry_run else 256, 4 if dry_run else 64, 2)
+            cells.append(f"{preset} {row['peak_gib']:.1f} GiB ({row['img_s']:.0f} img/s)")
+        except RuntimeError as err:
+            ok = False
+            cells.append(f"{preset} failed: {str(err)[-200:]}")
+    return ok, ", ".join(cells) + " at micro batch " + ("4 (dry run, host RSS)" if dry_run else "64")
+
+
+def _window_worker(folder: Path, preset: str, clip: str, size: int, micro: int, windows: int) -> dict:
+    """Part 5/6's measurement in a process of its own (one preset's engine, its memory alone)."""
+    cmd = [sys.executable, "-m", "bench.gpu_check", "window", "--folder", str(folder), "--preset", preset,
+           "--clip", clip, "--size", str(size), "--micro", str(micro), "--windows", str(windows)]  # fmt: skip
+    done = _run(cmd, 500)
+    rows = [line for line in done.stdout.splitlines() if line.startswith('{"window"')]
+    if done.returncode or not rows:
+        raise RuntimeError(f"the window worker failed ({done.returncode}): {_tail(done)}")
+    return json.loads(rows[-1])
+
+
+def window(folder: str, preset: str, clip: str, size: int, micro: int, windows: int) -> dict:
+    """The real pretraining Trainer on this machine's device: ``windows`` timed windows after 3 warm-ups, then
+    3 windows with the phase clock on (their DTM share)."""
+    from dtm_ds import distributed
+    from dtm_ds.config import build_config
+    from dtm_ds.devices import default_ds_config
+    from dtm_ds.engine import engine_config
+    from dtm_ds.logs import device_peak_flops, memory_gib
+    from dtm_ds.teacher import precision
+    from dtm_ds.train import Trainer
+
+    folder_path = Path(folder)
+    beton, weights = make_data(folder_path, 512, size), make_teacher(folder_path, clip)
+    device = distributed.init()
+    ds_path = folder_path / "ds.json"
+    shipped = json.loads(Path(default_ds_config()).read_text())  # ds_configs/zero2_bf16.json on a GPU
+    ds_path.write_text(json.dumps(shipped | {"train_micro_batch_size_per_gpu": micro}))
+    overrides = {"data.path": str(beton), "data.backend": "ffcv", "teacher.name": f"clip:{clip}",
+                 "teacher.weights": str(weights), "run.output_dir": str(folder_path / f"run_{preset}")}  # fmt: skip
+    config = build_config(preset, overrides)
+    trainer = Trainer(config, engine_config(str(ds_path), 1, None), device)
+    trainer.build()
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from trainer.loader.epoch(epoch)
+            epoch += 1
+
+    stream, cuda = batches(), device.type == "cuda"
+    for _ in range(3):
+        out = trainer.window(stream, False)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(windows):
+        out = trainer.window(stream, False)
+    if cuda:
+        torch.cuda.synchronize()
+    img_s = windows * micro / (time.perf_counter() - start)
+    phases: dict[str, float] = {}
+    for _ in range(3):
+        timed = trainer.window(stream, True)
+        for key, value in timed["times"].items():
+            phases[key] = phases.get(key, 0.0) + value
+    peak = device_peak_flops()
+    mem = memory_gib().tolist()
+    row = {
+        "window": preset, "micro": micro, "img_s": img_s, "loss": float(out["levels"].mean()),
+        "finite": bool(torch.isfinite(out["levels"]).all()), "peak_gib": mem[0] if cuda else mem[1],
+        "mfu": trainer.flops_per_image * img_s / peak if peak and trainer.flops_per_image else None,
+        "dtm_share": phases.get("time_dtm", 0.0) / max(sum(phases.values()), 1e-9), "phases_s": phases,
+        "graphs": len(trainer.morph.graphs), "teacher": precision(config.teacher, device.type),
+    }  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# 7. make pretrain, a stop signal, a resume ------------------------------------------------------------------------
+def pretrain(dry_run: bool, folder: Path) -> tuple[bool, str]:
+    beton = make_data(folder, 512, 40)
+    launcher = f"DEEPSPEED={sys.executable} -m deepspeed.launcher.runner"  # no .venv there: the carried DeepSpeed
+    deepspeed = [] if dry_run else ["-o", ".venv/.installed", launcher]
+    micro = ["--ds_config", str(_small_ds(folder))] if dry_run else []  # the GPU: the device's default JSON
+    common = ["--max_steps", "8", "--run.log_every=1", "--run.save_every=100", "--data.backend=ffcv"]
+    common.append("--data.workers=2")
+
+    def make(out: Path, faults: str | None):
+        args = " ".join([*micro, *common])
+        cmd = ["make", "--no-print-directory", *deepspeed, "pretrain", "MODEL=tiny", f"DATA={beton}", f"OUT={out}",
+               f"ARGS={args}"]  # fmt: skip
+        return _run(cmd, 300, {"DTM_FAULTS": faults} if faults else {"DTM_FAULTS": ""})
+
+    stopped = make(folder / "stopped", json.dumps({"sigterm_micro": 3}))
+    if stopped.returncode:
+        return False, f"the stopped run exited {stopped.returncode}: {_tail(stopped)}"
+    said = "stopped by a signal at step 4" in stopped.stdout
+    ckpt = (folder / "stopped" / "checkpoints" / "latest").read_text().strip()
+    resumed = make(folder / "stopped", None)
+    again = "resumed from step00000004" in resumed.stdout and '"done": true, "step": 8' in resumed.stdout
+    whole = make(folder / "whole", None)
+    a, b = _losses(folder / "stopped"), _losses(folder / "whole")
+    differ = max(abs(a[s] - b[s]) / abs(b[s]) for s in b) if sorted(a) == sorted(b) == list(range(1, 9)) else None
+    ok = said and ckpt == "step00000004" and again and whole.returncode == 0 and differ is not None and differ < 1e-2
+    return ok, (f"SIGTERM at micro-step 3: exit 0, {'said so' if said else 'NOT said'}, checkpoint {ckpt}; "
+                f"re-run {'resumed at step 4, done at 8' if again else 'did NOT resume: ' + _tail(resumed)}; "
+                f"losses vs uninterrupted: max rel diff {differ}")  # fmt: skip
+
+
+def _small_ds(folder: Path) -> Path:
+    path = folder / "ds_small.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
+                                "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}))  # fmt: skip
+    return path
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def main(dry_run: bool = False) -> int:
+    parts = Parts()
+    print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}"
+          f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}", flush=True)  # fmt: skip
+    if not dry_run and not torch.cuda.is_available():
+        print("FAIL device: torch sees no CUDA device; on a CPU machine run with --dry_run", flush=True)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        folder = Path(tmp)
+        parts("wheels", wheels, dry_run, ROOT / os.environ.get("WHEELHOUSE", ".whl"))
+        parts("partitions", partitions, dry_run)
+        parts("morph_ms", morph_ms, dry_run)
+        parts("gpu_tests", gpu_tests, dry_run)
+        parts("train_step", train_step, dry_run, folder)
+        parts("memory", memory, dry_run, folder)
+        parts("pretrain", pretrain, dry_run, folder)
+    return parts.summary()
+
+
+if __name__ == "__main__":  # no fire here: a bare GPU machine may lack it until the wheels are in
+    argv = sys.argv[1:]
+    if argv[:1] == ["window"]:
+        opts = dict(zip(argv[1::2], argv[2::2], strict=True))
+        kinds = {"--size": int, "--micro": int, "--windows": int}
+        window(**{k.removeprefix("--"): kinds.get(k, str)(v) for k, v in opts.items()})
+        sys.stdout.flush()
+        os._exit(0)  # no interpreter teardown: communication threads can abort a finished process there
+    sys.exit(main(dry_run="--dry_run" in argv))

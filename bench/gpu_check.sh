@@ -1,48 +1,29 @@
 #!/usr/bin/env bash
-# One prepared call for a lent GPU machine (nothing can be fetched there; torch, timm and triton are
-# present): checks graph-replayed DTM partitions against eager ones, times the DTM step eager vs CUDA
-# graph, and times a ViT-B/16 DTM training step with a CLIP-B/16-architecture teacher in bf16.
-#   bash bench/gpu_check.sh              # on the GPU machine (a few minutes)
-#   bash bench/gpu_check.sh --dry_run    # CPU rehearsal with tiny sizes
-set -euo pipefail
+# One prepared call for a lent GPU machine (bench/gpu_check.py lists its seven parts; each prints PASS or FAIL
+# with its figures, and the exit status is 1 unless all pass).
+#   bash bench/device_wheels.sh                # here, once: the wheelhouse .whl/ (deepspeed, open_clip, ffcv, fire)
+#   bash bench/gpu_check.sh                    # there, through the device tool with carry [".whl"]: ~5-9 min on one H200
+#   bash bench/gpu_check.sh --dry_run          # here: the CPU rehearsal of every part (builds .whl/ when absent)
+# WHEELHOUSE=<folder> names another wheelhouse.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" - <<'PYEOF'
-import importlib.util, torch
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
-for name in ("timm", "triton", "deepspeed", "open_clip", "ffcv", "fire"):
-    print(f"  {name}: {'present' if importlib.util.find_spec(name) else 'absent'}")
-PYEOF
-"$PY" -m bench.gpu_check "$@"
-# The tests marked gpu (graph replay vs eager over 20 schedules; a CLIP-architecture teacher in bf16
-# through SDPA): pytest when present, else each test function called directly.
-if [ "${1:-}" != "--dry_run" ]; then
-  if "$PY" -c "import pytest" 2>/dev/null; then
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+DRY=""
+[ "${1:-}" = "--dry_run" ] && DRY=--dry_run
+WHEELHOUSE=${WHEELHOUSE:-.whl}
+export WHEELHOUSE PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+if [ -n "$DRY" ]; then
+  PY=.venv/bin/python
+  [ -x "$PY" ] || { echo "error: the dry run uses .venv (make setup)"; exit 2; }
+  [ -n "$(ls "$WHEELHOUSE"/*.whl 2>/dev/null)" ] || [ "$WHEELHOUSE" != .whl ] || bash bench/device_wheels.sh "$WHEELHOUSE"
+else
+  PY=python3
+  SITE=/tmp/dtm_site  # the carried wheels, beside the machine's own packages (torch, timm, numpy, numba, ...)
+  if ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$WHEELHOUSE"/*.whl || echo "FAIL wheels: pip could not install $WHEELHOUSE"
   else
-    "$PY" -c "import tests.test_gpu as t; [getattr(t, n)() or print(n, 'passed') for n in dir(t) if n.startswith('test_')]"
+    echo "FAIL wheels: no $WHEELHOUSE here (carry it: bash bench/device_wheels.sh, then carry [\".whl\"])"
   fi
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
 fi
-# The pretraining loop itself on the GPU (when DeepSpeed is installed): tiny preset, ZeRO-2 + bf16,
-# accumulation 2, 12 steps on a generated image folder; then the metrics row of the last step (MFU,
-# per-rank peak memory, lr as used) and a re-run that must write nothing.
-if "$PY" -c "import deepspeed" 2>/dev/null && [ "${1:-}" != "--dry_run" ]; then
-  TMP=$(mktemp -d)
-  "$PY" - "$TMP" <<'PYEOF'
-import json, sys
-from pathlib import Path
-from data_prep.synthetic import write_class_folder
-tmp = Path(sys.argv[1])
-write_class_folder(tmp / "imgs", {"a": 32, "b": 32}, size=(40, 40))
-(tmp / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2,
-    "gradient_clipping": 3.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
-    "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}))
-PYEOF
-  RUN=("$PY" dtm_ds/train.py --ds_config "$TMP/ds.json" --model tiny --output_dir "$TMP/run" --max_steps 12
-       --data.path="$TMP/imgs" --data.workers=2 --run.log_every=4 --run.save_every=6 --optim.epochs=10)
-  "${RUN[@]}" 2>&1 | tail -n 2
-  tail -n 1 "$TMP/run/metrics.jsonl"
-  "${RUN[@]}" 2>&1 | grep -E "nothing to do|resumed" || echo "re-run: unexpected output"
-fi
+exec "$PY" -m bench.gpu_check $DRY

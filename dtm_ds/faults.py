@@ -7,6 +7,7 @@ Nothing here is in the user's config; with the variable unset every function is 
     DTM_FAULTS='{"kill_in_save": 8}'                   # SIGKILL halfway through writing checkpoint 8's first file
     DTM_FAULTS='{"kill_in_save": 8, "fraction": 0.2}'  # ... after 20% of its bytes
     DTM_FAULTS='{"kill_in_save": 8, "file": 1}'        # ... of its second file
+    DTM_FAULTS='{"sigterm_micro": 3}'                  # this process sends itself SIGTERM at micro-step 3
 """
 
 import io
@@ -29,6 +30,13 @@ def nan_loss(micro: int) -> bool:
     if micro not in faults.get("nan_micro", ()):  # unset: one dict lookup on the hot path
         return False
     return faults.get("rank") in (None, int(os.environ.get("RANK", "0")))
+
+
+def stop_signal(micro: int) -> None:
+    """SIGTERM to this process at micro-step ``micro`` (0-based, this rank) when the test asked for it: a stop
+    at a known step, however fast the device runs."""
+    if _faults().get("sigterm_micro") == micro:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def arm_checkpoint_kill(engine, index: int) -> None:

@@ -63,6 +63,7 @@ class Trainer:
         self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         self.max_steps = min(config.run.max_steps or self.total_steps, self.total_steps)
+        self.stop_requested, self.micro = False, 0  # a stop signal seen; micro-steps run by this process
 
     def build(self) -> None:
         o, run = self.config.optim, self.config.run
@@ -95,7 +96,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Windows until ``max_steps`` or a stop signal; logs, pictures and checkpoints on the way."""
         run, s = self.config.run, self.state
-        self.stop_requested, self.micro, dropped_in_a_row, last = False, 0, 0, {}
+        dropped_in_a_row, last = 0, {}
         for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: agree on a step, save there and exit
             signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
         log = RunLog(run.output_dir, self.rank == 0, self.max_steps, s.step, "pretrain")
@@ -159,6 +160,7 @@ class Trainer:
             loss = dtm.loss_weight * levels.mean()
             if faults.nan_loss(self.micro):
                 loss = loss * float("nan")
+            faults.stop_signal(self.micro)
             nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
             dropped, stop = dropped or nonfinite, stop or stop_now
             self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
