@@ -47,3 +47,51 @@ def test_clip_architecture_teacher_in_bf16_through_sdpa():
     assert got.shape == (8, 196, 768) and got.dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
     assert cos.min() > 0.98, float(cos.min())
+
+
+def test_open_clip_teacher_in_its_default_fp16_autocast(tmp_path):
+    """The pretraining teacher path itself: open_clip's CLIP ViT-B/16 architecture (random weights from a local
+    file) through ``build_teacher`` on the GPU in the default precision (fp16 autocast over the stored weights):
+    196 tokens of 512, fp32 out, the matrix products in fp16, and within cosine 0.99 of the fp32 targets."""
+    import open_clip
+
+    from dtm_ds.config import TeacherConfig, build_config
+    from dtm_ds.teacher import build_teacher
+
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("ViT-B-16", pretrained=None).state_dict(), tmp_path / "clip.pt")
+    model, cuda = build_config("vitb").model, torch.device("cuda")
+    teacher = build_teacher(TeacherConfig(weights=str(tmp_path / "clip.pt")), model, cuda)
+    assert teacher.dtype == torch.float16
+    seen = []
+    fc = teacher.encoder.transformer.resblocks[0].mlp.c_fc
+    handle = fc.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    images = torch.randn(16, 3, 224, 224, device=cuda)
+    got = teacher(images)
+    handle.remove()
+    assert seen == [torch.float16] and got.shape == (16, 196, 512) and got.dtype == torch.float32
+    fp32 = build_teacher(TeacherConfig(weights=str(tmp_path / "clip.pt"), dtype="fp32"), model, cuda)
+    cos = torch.nn.functional.cosine_similarity(got, fp32(images), dim=-1)
+    assert cos.min() > 0.99, float(cos.min())
+
+
+def test_collectives_on_nccl_take_host_tensors(monkeypatch):
+    """On an NCCL group (one rank; ``world`` reported as 2 so the collectives run) the helpers accept host
+    tensors, reduce them on the GPU and hand the results back on the host."""
+    import os
+
+    from dtm_ds import distributed
+    from dtm_ds.distributed import _free_port
+
+    store = torch.distributed.TCPStore("127.0.0.1", _free_port(), 1, True)
+    torch.distributed.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        assert distributed.comm_device() == torch.device("cuda", torch.cuda.current_device())
+        monkeypatch.setattr(distributed, "world", lambda: 2)
+        total = distributed.sum_tensor(torch.tensor([1.0, 2.0]))  # a CPU tensor, as fine-tuning's counts were
+        assert total.device.type == "cpu" and total.tolist() == [1.0, 2.0]
+        assert distributed.agree(torch.tensor(True, device="cuda"), False) == (True, False)
+        assert distributed.on_rank0(lambda: {"a": 1}) == {"a": 1}
+    finally:
+        torch.distributed.destroy_process_group()

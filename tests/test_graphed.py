@@ -1,5 +1,7 @@
+import os
 import subprocess
 
+import pytest
 import torch
 
 from bench.morph_reference import canonical
@@ -37,7 +39,36 @@ def test_compiled_morph_equals_eager_without_recompiling():
                 assert canonical(x.tolist()) == canonical(y.tolist())
 
 
-def test_gpu_check_cpu_dry_run():
-    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry_run"], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+def _dry_run(wheelhouse) -> subprocess.CompletedProcess:
+    env = os.environ | {"WHEELHOUSE": str(wheelhouse)}
+    return subprocess.run(["bash", "bench/gpu_check.sh", "--dry_run"], capture_output=True, text=True, timeout=900,
+                          env=env)  # fmt: skip
+
+
+def _parts(stdout: str) -> dict[str, bool]:
+    return {line.split()[1]: line.startswith("PASS") for line in stdout.splitlines() if line[:5] in ("PASS ", "FAIL ")}
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """The GPU check rehearsed on CPU, every part at tiny sizes; without a wheelhouse (it is built by
+    bench/device_wheels.sh, from PyPI) the wheels part fails and says so, and the exit status is 1."""
+    (tmp_path / "empty").mkdir()
+    done = _dry_run(tmp_path / "empty")
+    parts = _parts(done.stdout.split("=== gpu_check")[0])
+    want = ["wheels", "partitions", "morph_ms", "gpu_tests", "train_step", "memory", "pretrain"]
+    assert list(parts) == want, done.stdout[-3000:] + done.stderr[-2000:]
+    assert {k for k, ok in parts.items() if not ok} == {"wheels"}, done.stdout[-3000:]
+    assert f"no wheels in {tmp_path / 'empty'}: run bash bench/device_wheels.sh first" in done.stdout
     assert "partitions equal: 20/20" in done.stdout  # the static path against the slow reference
+    assert "re-run resumed at step 4, done at 8; losses vs uninterrupted: max rel diff 0.0" in done.stdout
+    assert done.returncode == 1 and "=== gpu_check: 6/7 parts passed ===" in done.stdout
+
+
+@pytest.mark.faults_slow
+def test_gpu_check_rehearsal_with_the_wheelhouse(tmp_path):
+    """The whole rehearsal: the wheelhouse built from PyPI for cp312, installed by python3.12, then every part."""
+    built = subprocess.run(["bash", "bench/device_wheels.sh", str(tmp_path / "whl")], capture_output=True, text=True,
+                           timeout=1200)  # fmt: skip
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    done = _dry_run(tmp_path / "whl")
+    assert done.returncode == 0 and "=== gpu_check: 7/7 parts passed ===" in done.stdout, done.stdout[-3000:]
