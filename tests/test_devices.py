@@ -233,20 +233,24 @@ distributed.close()
         assert line == f"{r} [3.0, 10.0] cpu torch.float64 [[0.0, 0.0], [1.0, 1.0]] True True [3.0, 10.0]", line
 
 
-def test_a_missing_deepspeed_json_is_reported_before_any_op_is_built(tmp_path):
+@pytest.mark.parametrize("entrypoint", ["dtm_ds/train.py", "eval/finetune.py"])
+def test_a_missing_deepspeed_json_is_reported_before_any_op_is_built(entrypoint, pretrained, tmp_path):
     """With an empty extension cache (a fresh clone), a missing DeepSpeed JSON is one error line within
     seconds, and no DeepSpeed op is built (the set-up comes after every input check)."""
     cache = tmp_path / "ext"
     cache.mkdir()
     env = os.environ | {"PYTHONPATH": str(ROOT), "TORCH_EXTENSIONS_DIR": str(cache), "DS_ACCELERATOR": "cpu"}
-    cmd = [sys.executable, "dtm_ds/train.py", "--model", "tiny", "--ds_config", str(tmp_path / "gone.json"),
-           "--output_dir", str(tmp_path / "run"), "--data.path=fashion_mnist"]  # fmt: skip
+    gone, out = tmp_path / "gone.json", tmp_path / "run"
+    args = {
+        "dtm_ds/train.py": ["--model", "tiny", "--output_dir", str(out), "--data.path=fashion_mnist"],
+        "eval/finetune.py": ["--encoder", str(pretrained), "--dataset", "fmnist", "--data", "fashion_mnist",
+                             "--output_dir", str(out)],
+    }[entrypoint]  # fmt: skip
     start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, entrypoint, "--ds_config", str(gone), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     seconds = time.perf_counter() - start
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == [
-        f"error: DeepSpeed config {tmp_path / 'gone.json'} does not exist (see ds_configs/)"
-    ]
-    assert list(cache.iterdir()) == [] and not (tmp_path / "run").exists()
+    assert done.stderr.strip().splitlines() == [f"error: DeepSpeed config {gone} does not exist (see ds_configs/)"]
+    assert list(cache.iterdir()) == [] and not out.exists()
     assert seconds < 20, seconds
