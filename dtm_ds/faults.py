@@ -8,6 +8,7 @@ Nothing here is in the user's config; with the variable unset every function is 
     DTM_FAULTS='{"kill_in_save": 8, "fraction": 0.2}'  # ... after 20% of its bytes
     DTM_FAULTS='{"kill_in_save": 8, "file": 1}'        # ... of its second file
     DTM_FAULTS='{"sigterm_micro": 3}'                  # this process sends itself SIGTERM at micro-step 3
+    DTM_FAULTS='{"dump_micro": 0, "dump_to": "x.pt"}'  # save micro-step 0's batch, targets, outputs, schedule
 """
 
 import io
@@ -37,6 +38,14 @@ def stop_signal(micro: int) -> None:
     at a known step, however fast the device runs."""
     if _faults().get("sigterm_micro") == micro:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def dump(micro: int, **tensors: torch.Tensor) -> None:
+    """Save ``tensors`` (detached, on the host) at micro-step ``micro`` when the test asked for it: what a
+    training step computed, for a test to recompute its loss independently."""
+    faults = _faults()
+    if faults.get("dump_micro") == micro:
+        torch.save({k: v.detach().cpu() for k, v in tensors.items()}, faults["dump_to"])
 
 
 def arm_checkpoint_kill(engine, index: int) -> None:

@@ -154,8 +154,10 @@ class Trainer:
             clock("time_teacher")
             pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
             clock("time_student")
-            morphed = self.morph(targets, self.schedule_for(window, chunk))  # groups (L, B, N)
+            schedule = self.schedule_for(window, chunk)  # (L, K) merges per iteration
+            morphed = self.morph(targets, schedule)  # groups (L, B, N)
             levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
+            faults.dump(self.micro, images=batch["images"], targets=targets, pred=pred, schedule=schedule)
             clock("time_dtm")
             loss = dtm.loss_weight * levels.mean()
             if faults.nan_loss(self.micro):

@@ -75,6 +75,25 @@ class Job:
     """Optimizer steps between lines of metrics.jsonl."""
 
 
+def layer_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
+    """The optimizer's parameter groups: timm's layer-wise lr decay (``lr_scale`` = layer_decay ** (depth + 1 -
+    layer): 0 = patch embedding, CLS and shared table, i + 1 = block i, depth + 1 = final norm and head) and
+    no weight decay on 1-D tensors and ``no_decay_names``."""
+    skip = no_decay_names(model, recipe.decay_tables)
+    return param_groups_layer_decay(model, recipe.weight_decay, skip, layer_decay=recipe.layer_decay)
+
+
+def ladder(architecture, recipe: Recipe, classes: int = 1000) -> list[float]:
+    """The lr multiplier of every layer (0 .. depth + 1), read from ``layer_groups`` of the classifier itself
+    (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        model = build_classifier(architecture, classes, recipe.drop_path, recipe.img_size)
+    scale = {id(p): group["lr_scale"] for group in layer_groups(model, recipe) for p in group["params"]}
+    params = dict(model.named_parameters())
+    blocks = [f"blocks.{i}.mlp.fc1.weight" for i in range(len(model.blocks))]
+    return [scale[id(params[name])] for name in ["patch_embed.proj.weight", *blocks, "head.weight"]]  # layer order
+
+
 def open_sets(job: Job):
     """``(train listing, evaluation listing)`` of ``job``: clear errors for a wrong root or layout."""
     train_split, eval_split = SPLITS.get(job.dataset, ("trainval", "test"))
@@ -118,8 +137,7 @@ class FineTuner:
     def _engine(self, model, ds_config: dict):
         r = self.recipe
         self.peak = r.lr * ds_config["train_batch_size"] / r.lr_batch  # the recipe's lr at its own batch
-        skip = no_decay_names(model, r.decay_tables)
-        groups = param_groups_layer_decay(model, r.weight_decay, skip, layer_decay=r.layer_decay)
+        groups = layer_groups(model, r)
         self.total, self.warmup = r.epochs * self.steps_per_epoch, round(r.warmup_epochs * self.steps_per_epoch)
         self.engine, self.optimizer = build_engine(model, groups, ds_config)
         self.dtype = engine_dtype(ds_config)
@@ -357,7 +375,7 @@ def resolved_settings(job: Job, recipe: Recipe, architecture, ds_config: str, mo
         "global_batch": recipe.batch_size,
         "peak_lr": recipe.lr * recipe.batch_size / recipe.lr_batch,
         "peak_lr_rule": f"recipe.lr {recipe.lr:g} x global batch / recipe.lr_batch {recipe.lr_batch}",
-        "layer_lr_scales": [recipe.layer_decay ** (depth + 1 - i) for i in range(depth + 2)],
+        "layer_lr_scales": ladder(architecture, recipe),
         "ds_config": ds_config,
         "ranks_for_global_batch": recipe.batch_size / per_rank,
         "gradient_clipping": recipe.clip_grad,

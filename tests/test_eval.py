@@ -1,11 +1,13 @@
 """Downstream evaluation: weight transfer into timm's BEiT, fine-tuning through DeepSpeed, probes."""
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dtm_ds.students import encoder_config, load_student
 from eval.classifier import build_classifier, load_pretrained
@@ -94,6 +96,68 @@ def test_probes_learn_from_frozen_features(pretrained):
     assert x.mean().abs() < 2 and -2.2 < x.min() < x.max() < 2.7  # ImageNet-normalised pixels
     with pytest.raises(ValueError, match=r"unknown options \['block'\]; 'block': did you mean 'blocks'\?"):
         linear(**common, block=2)
+
+
+def _knn_by_hand(train_x, train_y, test_x, k: int, temperature: float) -> list[int]:
+    """DINO's weighted vote written out: the k most similar training features vote exp(sim / T) each."""
+    predictions = []
+    for q in test_x.tolist():
+        sims = [sum(a * b for a, b in zip(q, x, strict=True)) for x in train_x.tolist()]
+        nearest = sorted(range(len(sims)), key=lambda i: -sims[i])[:k]
+        votes: dict[int, float] = {}
+        for i in nearest:
+            votes[int(train_y[i])] = votes.get(int(train_y[i]), 0.0) + math.exp(sims[i] / temperature)
+        predictions.append(max(votes, key=votes.get))
+    return predictions
+
+
+def test_knn_vote_weighs_neighbours_by_the_temperature():
+    from eval.knn import knn_accuracy
+
+    # one neighbour of class 0 at cosine 0.9 against two of class 1 at 0.5: T = 0.07 lets the close one win
+    # (e^12.9 > 2 e^7.1), T = 1 the two (e^0.9 < 2 e^0.5)
+    train = F.normalize(torch.tensor([[0.9, 0.436], [0.5, 0.866], [0.5, -0.866], [-1.0, 0.0]]), dim=1)
+    labels, query = torch.tensor([0, 1, 1, 0]), torch.tensor([[1.0, 0.0]])
+    assert knn_accuracy(train, labels, query, torch.tensor([0]), k=3, temperature=0.07) == 1.0
+    assert knn_accuracy(train, labels, query, torch.tensor([1]), k=3, temperature=1.0) == 1.0
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=gen)
+    train_y, test_y = torch.arange(300) % 5, torch.arange(60) % 5
+    train_x = F.normalize(centres[train_y] + 1.5 * torch.randn(300, 16, generator=gen), dim=1)
+    test_x = F.normalize(centres[test_y] + 1.5 * torch.randn(60, 16, generator=gen), dim=1)
+    for k, t in ((1, 0.07), (5, 0.07), (20, 0.07), (20, 1.0), (20, 0.01)):
+        want = _knn_by_hand(train_x, train_y, test_x, k, t)
+        expected = sum(p == int(y) for p, y in zip(want, test_y, strict=True)) / len(test_y)
+        assert knn_accuracy(train_x, train_y, test_x, test_y, k, t, chunk=7) == expected, (k, t)
+
+
+def test_finetune_optimizer_groups_follow_the_layer_decay_ladder():
+    """Every parameter's group in the optimizer fine-tuning builds: lr scale decay ** (depth + 1 - layer) with
+    the layer read from its name by hand (stem 0, block i -> i + 1, final norm and head depth + 1), and weight
+    decay except on 1-D tensors and the CLS token; the --print_config ladder is the same."""
+    import dataclasses
+
+    from dtm_ds.config import build_config
+    from eval.finetune import ladder, layer_groups
+    from eval.recipes import recipe_for
+
+    arch = build_config("tiny").model
+    recipe = dataclasses.replace(recipe_for("imagenet", arch.depth), layer_decay=0.5, weight_decay=0.07)
+    model = build_classifier(arch, 10, 0.0, arch.img_size)
+    group_of = {id(p): g for g in layer_groups(model, recipe) for p in g["params"]}
+    depth = arch.depth
+    for name, p in model.named_parameters():
+        if name.startswith(("cls_token", "patch_embed", "rel_pos_bias")):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            assert name.startswith(("norm", "fc_norm", "head")), name
+            layer = depth + 1
+        group = group_of[id(p)]
+        assert group["lr_scale"] == pytest.approx(0.5 ** (depth + 1 - layer), rel=1e-12), name
+        assert group["weight_decay"] == (0.0 if p.ndim <= 1 or name == "cls_token" else 0.07), name
+    assert ladder(arch, recipe) == pytest.approx([0.5 ** (depth + 1 - i) for i in range(depth + 2)], rel=1e-12)
 
 
 def test_finetune_errors(pretrained, tmp_path):

@@ -119,6 +119,25 @@ def test_sample_schedule_rule_and_ranges():
     assert seen_k[0] == set(range(1, 15)) and seen_k[1] == {1, 2, 3} and seen_k[2] == set()
 
 
+def test_sample_schedule_merges_follow_the_rule_for_every_draw():
+    """The (n, k) of each level recomputed from the generator's own uniforms, then r from the rule as the
+    reference states it (reference_merges): ceil(n / k), floor past n_max. Exact over 3,000 draws, and
+    every (n, k) of a small level is drawn."""
+    n_max, k_max = [196, 20], [14, 6]
+    seen = set()
+    for seed in range(1500):
+        got = sample_schedule(n_max, k_max, torch.Generator().manual_seed(seed))
+        u = torch.rand(2, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+        for level in range(2):
+            n = min(int(u[0][level] * (n_max[level] + 1)), n_max[level])
+            k = min(int(u[1][level] * k_max[level]), k_max[level] - 1) + 1
+            want = reference_merges(n, k, n_max[level]) + [0] * (14 - k)
+            assert got[level].tolist() == want, (seed, level, n, k)
+            if level == 1:
+                seen.add((n, k))
+    assert seen == {(n, k) for n in range(21) for k in range(1, 7)}
+
+
 def test_sample_schedule_is_seeded_and_uniform():
     a = sample_schedule([196], [14], torch.Generator().manual_seed(5))
     b = sample_schedule([196], [14], torch.Generator().manual_seed(5))

@@ -47,6 +47,26 @@ def test_student_gets_all_gradients_and_clip_teacher_none(tiny_clip):
     torch.testing.assert_close(tokens @ pre_teacher.encoder.proj, targets)
 
 
+def test_the_mask_token_sits_exactly_on_the_masked_patches():
+    """What enters the first block: the CLS token, then per patch the mask token where the mask is True and
+    that patch's own embedding (the convolution, computed here by hand) where it is False."""
+    model = build_config("tiny").model
+    torch.manual_seed(0)
+    student = DTMStudent(model, 48).eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 64, generator=torch.Generator().manual_seed(1)) < 0.4
+    seen = []
+    student.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    student(images, mask)
+    tokens = seen[0][:, 1:]  # (B, N, D) after the CLS token
+    conv = student.patch_embed.proj
+    patches = torch.nn.functional.conv2d(images, conv.weight, conv.bias, stride=4).flatten(2).transpose(1, 2)
+    want = torch.where(mask[..., None], student.mask_token.detach().expand(2, 64, -1), patches)
+    torch.testing.assert_close(tokens, want)
+    torch.testing.assert_close(seen[0][:, 0], student.cls_token.detach()[:, 0].expand(2, -1))
+    assert 10 < int(mask.sum()) < 118
+
+
 def _openai_archive(state: dict, path: Path) -> None:
     """``state`` saved as OpenAI distributes CLIP: a TorchScript archive whose state dict holds the OpenAI
     key names, fp16 floats and the input_resolution / context_length / vocab_size entries."""
@@ -397,3 +417,24 @@ def test_dtm_loss_weight_and_normalised_targets_in_a_run(folder, tmp_path):
     assert rows["w2"]["grad_norm"] == pytest.approx(2 * rows["w1"]["grad_norm"], rel=1e-6)
     assert rows["w0"]["grad_norm"] == 0.0 and rows["w1"]["grad_norm"] > 0
     assert rows["norm"]["loss"] != rows["w1"]["loss"] and rows["norm"]["loss"] == rows["norm"]["loss"]
+
+
+def test_a_logged_loss_equals_an_independent_recompute_of_its_step(folder, tmp_path):
+    """A real dtm_ds/train.py step with a non-default beta: its batch, teacher targets, student outputs and
+    schedule saved (DTM_FAULTS dump), the pixels teacher's targets recomputed by hand from the images, and
+    the logged per-level and mean losses recomputed by the slow reference (bench/morph_reference.py)."""
+    from bench.morph_reference import reference_loss
+
+    out, dump = tmp_path / "run", tmp_path / "step.pt"
+    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 4), 1, "--dtm.beta=0.7", "--dtm.loss_weight=3")
+    subprocess.run(cmd, check=True, cwd=ROOT, env=_env({"dump_micro": 0, "dump_to": str(dump)}), capture_output=True)
+    saved, row = torch.load(dump), json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    images, targets, pred, schedule = (saved[k] for k in ("images", "targets", "pred", "schedule"))
+    patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(4, 64, 48)  # (B, N, 3*4*4)
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True, unbiased=False)
+    torch.testing.assert_close(targets, (patches - mean) / (var + 1e-6).sqrt())
+    assert schedule.shape[0] == 2 and schedule.sum() > 0  # two levels, something merged
+    levels = [reference_loss(pred, targets, schedule[i : i + 1], "smooth_l1", beta=0.7).item() for i in range(2)]
+    assert row["loss_level0"] == pytest.approx(levels[0], rel=1e-5)
+    assert row["loss_level1"] == pytest.approx(levels[1], rel=1e-5)
+    assert row["loss"] == pytest.approx(sum(levels) / 2, rel=1e-5)  # logged unweighted (dtm.loss_weight=3)
