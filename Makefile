@@ -10,7 +10,7 @@ DEEPSPEED ?= $(VENV)/bin/deepspeed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # No DS_ACCELERATOR here: dtm_ds/devices.py decides (DS_ACCELERATOR when set, else CUDA when present, else CPU).
 
-.PHONY: setup sysdeps test test-faults lint format bench clean demo pretrain reproduce data-imagenet check-eval-args \
+.PHONY: setup sysdeps test test-faults mutants lint format bench clean demo pretrain reproduce data-imagenet check-eval-args \
 	eval-imagenet eval-inat18 eval-inat19 eval-fgvc eval-linear eval-knn eval-ade20k
 
 setup: $(STAMP)
@@ -40,6 +40,10 @@ test: $(STAMP)
 # The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run, kill fuzz): ~12 min
 test-faults: $(STAMP)
 	$(PY) -m pytest tests/faults -m "" -s $(PYTEST_ARGS)
+
+# Mutation testing (tests/mutants.py): every one-line defect in the list must make its tests fail (~15 min)
+mutants: $(STAMP)
+	$(PY) -m tests.mutants $(MUTANTS_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -75,10 +75,11 @@ def test_crop_areas_lie_in_the_scale_range_and_follow_the_rule(ramp_sources, bac
     [min_crop_scale, 1], and their mean and spread as torchvision's rule gives (16,000 reference draws)."""
     lo = 0.5
     loader = _loader(ramp_sources[backend], backend, min_crop_scale=lo, jitter=0.0)
-    areas = []
+    areas, flipped = [], []
     for epoch in range(3):
         for batch in loader.epoch(epoch):
             x = _pixels(batch["images"])  # (B, 3, S, S)
+            flipped += list(x[:, 0, :, -1].mean(1) < x[:, 0, :, 0].mean(1))  # red falls from left to right
             width = np.abs(x[:, 0, :, -1] - x[:, 0, :, 0]).mean(1) * (W - 1) / (1 - 1 / S)  # R spans the columns
             height = (x[:, 1, -1, :] - x[:, 1, 0, :]).mean(1) * (H - 1) / (1 - 1 / S)  # G spans the rows
             areas += list(width * height / (H * W))
@@ -87,6 +88,7 @@ def test_crop_areas_lie_in_the_scale_range_and_follow_the_rule(ramp_sources, bac
     assert areas.min() > lo - 0.03 and areas.max() < 1.03, (areas.min(), areas.max())
     assert abs(areas.mean() - want.mean()) < 0.03, (areas.mean(), want.mean())
     assert abs(areas.std() - want.std()) < 0.03, (areas.std(), want.std())
+    assert 0.35 < np.mean(flipped) < 0.65, np.mean(flipped)  # half the samples flipped (192: sd 0.036)
 
 
 COLOUR = np.array([150, 100, 50])

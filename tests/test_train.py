@@ -231,6 +231,10 @@ def test_zero_stages_train_and_lose_loss(folder, tmp_path, stage):
     losses = _losses(out)
     assert sorted(losses) == list(range(1, steps + 1))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{steps:08d}"
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert kept == [f"step{s:08d}" for s in range(4, steps + 1, 4)][-3:] + (
+        [] if steps % 4 == 0 else [f"step{steps:08d}"]
+    )
     if stage == 0:
         first, last = sum(losses[s] for s in range(1, 5)) / 4, sum(losses[s] for s in range(steps - 3, steps + 1)) / 4
         assert last < 0.8 * first, (first, last)

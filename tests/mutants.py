@@ -1,0 +1,153 @@
+"""Mutation testing: realistic one-line defects in critical code, each applied alone, and the tests that must
+catch it. A mutant is *caught* when those tests fail; one that survives names a behaviour no test guards.
+
+    make mutants                               # every mutant (about 15 min on 2 cores); exit 1 if any survives
+    python -m tests.mutants --only 3,17        # some of them (numbers as listed)
+    python -m tests.mutants --list
+
+Add a mutant whenever a bug is fixed: the defect it was, as one line, and the test that now catches it.
+The source files are restored after every mutant, also when the run is interrupted.
+"""
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    area: str
+    path: str
+    old: str
+    new: str
+    tests: str  # pytest arguments
+
+
+TRAIN, AUG, DEV, TEACH = (
+    "tests/test_train.py",
+    "tests/test_augment.py",
+    "tests/test_devices.py",
+    "tests/test_teacher.py",
+)
+MUTANTS = [
+    # morphing
+    Mutant("morph: always floor", "dtm_ds/morph.py", "r = torch.where(ceil * k > n_hi, n // k, ceil)", "r = n // k",
+           "tests/test_morph.py -k every_draw"),
+    Mutant("morph: no protected token", "dtm_ds/morph.py", "can_merge = in_a & (slots_a > 0) if protect_first else in_a",
+           "can_merge = in_a", "tests/test_morph.py -k reference"),
+    # masking
+    Mutant("masking: blocks of one patch", "dtm_ds/masking.py",
+           "area = rng.uniform(self.min_block, max(self.min_block, budget))", "area = rng.uniform(1, max(1, budget))",
+           f"{AUG} -k masks"),
+    Mutant("masking: loader ignores the minimum", "dtm_ds/loader.py", "min(spec.min_mask_block, max(spec.num_masked, 1))",
+           "1", f"{AUG} -k masks"),
+    # augmentation and seeds
+    Mutant("jitter: one-sided", "dtm_ds/data.py", "(1 + jitter * (2 * draws[:, 1:] - 1))", "(1 + jitter * draws[:, 1:])",
+           f"{AUG} -k jitter or contrast"),
+    Mutant("flip: never", "dtm_ds/data.py", "(draws[:, 0] < 0.5)", "(draws[:, 0] < 0.0)", f"{AUG} -k crop"),
+    Mutant("draws: same every epoch", "dtm_ds/loader.py", "np.random.default_rng([self.spec.seed, epoch, int(i)])",
+           "np.random.default_rng([self.spec.seed, 0, int(i)])", f"{AUG} -k jitter"),
+    Mutant("crops: torchvision ignores the scale", "dtm_ds/data_torchvision.py", "s.min_crop_scale, 1.0, 3 / 4",
+           "0.08, 1.0, 3 / 4", f"{AUG} -k crop"),
+    Mutant("crops: FFCV ignores the scale", "dtm_ds/data_ffcv.py", "(spec.min_crop_scale, 1.0)", "(0.08, 1.0)",
+           f"{AUG} -k crop"),
+    Mutant("order: same every epoch", "dtm_ds/data.py", "np.random.default_rng([spec.seed, epoch]).permutation",
+           "np.random.default_rng([spec.seed, 0]).permutation", "tests/test_data.py -k two_rank_split"),
+    # teacher
+    Mutant("teacher: shift sign", "dtm_ds/teacher.py", "(torch.tensor(IMAGENET_MEAN) - torch.tensor(mean))",
+           "(torch.tensor(mean) - torch.tensor(IMAGENET_MEAN))", f"{TEACH} -k hand_normalised"),
+    Mutant("teacher: input statistics swapped", "dtm_ds/teacher.py", 'if input_norm == "student" else',
+           'if input_norm != "student" else', f"{TEACH} -k hand_normalised"),
+    Mutant("teacher: no autocast", "dtm_ds/teacher.py", "enabled=self.dtype != torch.float32", "enabled=False",
+           f"{TEACH} -k autocast"),
+    Mutant("teacher: bf16 by default on GPU", "dtm_ds/teacher.py", 'return torch.float16 if device.type == "cuda"',
+           'return torch.bfloat16 if device.type == "cuda"', f"{TEACH} -k auto"),
+    # student
+    Mutant("student: mask token on visible patches", "dtm_ds/student.py", "torch.where(mask.unsqueeze(-1),",
+           "torch.where(~mask.unsqueeze(-1),", f"{TRAIN} -k mask_token"),
+    # loss wiring
+    Mutant("loss: beta fixed at 1", "dtm_ds/train.py", "dtm.loss, dtm.beta, dtm.normalize_target",
+           "dtm.loss, 1.0, dtm.normalize_target", f"{TRAIN} -k independent_recompute"),
+    Mutant("loss: weight ignored", "dtm_ds/train.py", "loss = dtm.loss_weight * levels.mean()", "loss = levels.mean()",
+           f"{TRAIN} -k loss_weight"),
+    Mutant("loss: levels summed in the log", "dtm_ds/logs.py", '"loss": means.mean().item()', '"loss": means.sum().item()',
+           f"{TRAIN} -k independent_recompute"),
+    # lr and weight decay
+    Mutant("lr: warm-up off by one", "dtm_ds/engine.py", "return (step + 1) / warmup", "return step / warmup",
+           "tests/test_metrics.py -k logged_lr"),
+    Mutant("lr: linear batch scaling", "dtm_ds/config.py", "(global_batch / 2048) ** 0.5", "(global_batch / 2048)",
+           "tests/test_reproduce.py -k print_config"),
+    Mutant("weight decay: on biases too", "dtm_ds/engine.py", "p.ndim <= 1 or name in skip", "name in skip",
+           f"{TRAIN} -k no_weight_decay"),
+    Mutant("layer decay: flat", "eval/finetune.py", "layer_decay=recipe.layer_decay)", "layer_decay=1.0)",
+           "tests/test_eval.py -k ladder"),
+    # checkpoints and resume
+    Mutant("checkpoints: none rotated", "dtm_ds/checkpoint.py", "+ complete[:-keep_last]", "+ complete[:0]",
+           f"{TRAIN} -k 'zero_stages and 0'"),
+    Mutant("resume: state not restored", "dtm_ds/train.py",
+           'TrainState(**checkpoint.load(self.engine, self.config.run.output_dir, tag)["train_state"])',
+           'TrainState() if checkpoint.load(self.engine, self.config.run.output_dir, tag) else None',
+           f"{TRAIN} -k sigkill"),
+    # the agreed stop and dropped windows
+    Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
+           "tests/faults/test_cluster.py -k one_rank_drops"),
+    Mutant("window: an early NaN forgotten", "dtm_ds/train.py", "dropped, stop = dropped or nonfinite, stop or stop_now",
+           "dropped, stop = nonfinite, stop or stop_now", f"{TRAIN} -k drops_exactly"),
+    Mutant("window: never skipped", "dtm_ds/train.py", "self.optimizer.skip_next = last and dropped",
+           "self.optimizer.skip_next = False", f"{TRAIN} -k nonfinite"),
+    # devices and collectives
+    Mutant("device: CPU even with CUDA", "dtm_ds/devices.py", 'return "cuda" if cuda else "cpu"', 'return "cpu"',
+           f"{DEV} -k decision"),
+    Mutant("collective: host tensor on NCCL", "dtm_ds/distributed.py", ".to(comm_device(), torch.float64, copy=True)",
+           ".to(dtype=torch.float64, copy=True)", f"{DEV} -k communication_device"),
+    # evaluation
+    Mutant("k-NN: temperature ignored", "eval/knn.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
+           "tests/test_eval.py -k knn_vote"),
+    Mutant("evaluation: counts averaged over ranks", "eval/finetune.py", "distributed.sum_tensor(counts)",
+           "distributed.mean_tensor(counts)", "tests/faults/test_cluster.py -k counts_every_image_once"),
+]  # fmt: skip
+
+
+def run(mutant: Mutant, timeout: float = 900) -> tuple[bool, float, str]:
+    """Apply ``mutant``, run its tests, restore the file: (caught, seconds, the last line pytest printed)."""
+    path = ROOT / mutant.path
+    source = path.read_text()
+    if source.count(mutant.old) != 1:
+        raise ValueError(f"{mutant.path}: {mutant.old!r} occurs {source.count(mutant.old)} times (must be once)")
+    start = time.perf_counter()
+    try:
+        path.write_text(source.replace(mutant.old, mutant.new))
+        cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider -m '' {mutant.tests}"
+        done = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        caught, last = done.returncode != 0, (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+    except subprocess.TimeoutExpired:
+        caught, last = True, f"timed out after {timeout:.0f} s"
+    finally:
+        path.write_text(source)
+    return caught, time.perf_counter() - start, last
+
+
+def main(argv: list[str]) -> int:
+    if "--list" in argv:
+        for i, m in enumerate(MUTANTS, 1):
+            print(f"{i:>2}. {m.area}  [{m.path}]  {m.tests}")
+        return 0
+    only = {int(x) for x in argv[argv.index("--only") + 1].split(",")} if "--only" in argv else None
+    survived, total = [], 0
+    for i, mutant in enumerate(MUTANTS, 1):
+        if only and i not in only:
+            continue
+        caught, seconds, last = run(mutant)
+        total += 1
+        survived += [] if caught else [mutant.area]
+        print(f"{i:>2}. {'caught  ' if caught else 'SURVIVED'} {seconds:5.0f} s  {mutant.area:<42} {last}", flush=True)
+    print(f"\nmutants: {total - len(survived)}/{total} caught" + (f"; survived: {survived}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
