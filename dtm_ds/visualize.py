@@ -70,28 +70,27 @@ def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int 
     from PIL import Image
 
     from dtm_ds.config import load_config
-    from dtm_ds.data import LoaderSpec
     from dtm_ds.loader import PretrainLoader
     from dtm_ds.morph import sample_schedule
     from dtm_ds.teacher import build_teacher
 
     config = load_config(Path(run_dir) / "config.json")
-    m, d = config.model, config.data
-    spec = LoaderSpec(
-        path=d.path,
-        batch_size=images,
-        image_size=m.img_size,
-        patch_size=m.patch_size,
-        num_masked=d.num_masked,
-        min_mask_block=d.min_mask_block,
-        backend=d.backend,
-        workers=0 if d.backend == "torchvision" else 1,
-        jitter=0.0,
-        seed=seed,
-    )
+    m = config.model
+    spec = picture_spec(config, images, seed)
     batch = next(iter(PretrainLoader(spec).epoch(0)))
     teacher = build_teacher(config.teacher, m, torch.device("cpu"))
     schedule = sample_schedule(config.dtm.n_max, config.dtm.k_max, torch.Generator().manual_seed(seed))
     grid = morph_figure(batch["images"], teacher, config, schedule)
     Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(out)
     return out
+
+
+def picture_spec(config, images: int, seed: int):
+    """The run's own loader settings (crop scale, masks, backend) for ``images`` pictures, without colour
+    jitter (the picture shows the crops and groups, not the jitter)."""
+    import dataclasses
+
+    from dtm_ds.loader import loader_spec
+
+    spec = loader_spec(config, {"train_micro_batch_size_per_gpu": images, "gradient_accumulation_steps": 1})
+    return dataclasses.replace(spec, jitter=0.0, seed=seed, workers=0 if spec.backend == "torchvision" else 1)

@@ -181,6 +181,17 @@ def test_visualize_writes_the_groups_png(pretrained, tmp_path):
     assert (width, height) == (3 * 32 * 7, 2 * 32 * 7)  # input + 2 levels, 2 rows, enlarged x7 from 32 px
 
 
+def test_groups_picture_takes_the_runs_own_loader_settings():
+    from dtm_ds.config import build_config
+    from dtm_ds.visualize import picture_spec
+
+    config = build_config("tiny", {"data.min_crop_scale": 0.7, "data.num_masked": 20, "data.min_mask_block": 5})
+    spec = picture_spec(config, 3, seed=4)
+    got = (spec.min_crop_scale, spec.num_masked, spec.min_mask_block, spec.backend, spec.path, spec.image_size)
+    assert got == (0.7, 20, 5, "torchvision", "fashion_mnist", 32)
+    assert (spec.batch_size, spec.seed, spec.jitter) == (3, 4, 0.0)
+
+
 def test_groups_picture_colours_each_group_and_draws_its_boundary():
     """Each group its own colour over the grey image and a one-pixel white line where groups meet, on a
     grey (Fashion-MNIST-like) picture where mean colours would show nothing."""

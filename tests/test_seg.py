@@ -51,6 +51,19 @@ def test_mmcv_lite_shim():
         sigmoid_focal_loss(torch.zeros(1), torch.zeros(1))
 
 
+def test_the_config_header_states_the_config_values():
+    """The header of the shipped mmseg config names the recipe its optimiser holds."""
+    import re
+
+    text = (ROOT / "eval" / "seg" / "configs" / "upernet_dtm_ade20k.py").read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    lr = float(re.search(r"lr ([0-9.e-]+),", header).group(1))
+    decay = float(re.search(r"layer decay ([0-9.]+)", header).group(1))
+    held = [float(re.search(pattern, text).group(1)) for pattern in (r"\blr=([0-9.e-]+)", r"decay_rate=([0-9.]+)")]
+    assert [lr, decay] == held
+    assert (lr, decay) == (5e-5, 0.75)  # BEiT v2's ViT-B ADE20K recipe (DESIGN.md §2)
+
+
 def test_out_indices_scale_with_depth():
     assert default_out_indices(12) == [3, 5, 7, 11]
     assert default_out_indices(24) == [7, 11, 15, 23]

@@ -1,6 +1,6 @@
 # UperNet + auxiliary FCN head over a dtm_ds encoder on ADE20K, 512x512 crops, 160k iterations, batch 16.
-# Optimiser and schedule follow mmseg's MAE ViT-B recipe (DESIGN.md §5): AdamW lr 1e-4, wd 0.05,
-# layer decay 0.65, 1,500 linear warm-up iterations then poly decay. Run it through eval/seg/train.py
+# Optimiser and schedule follow BEiT v2's ViT-B recipe (DESIGN.md §2, "ADE20K recipes"): AdamW lr 5e-5,
+# wd 0.05, layer decay 0.75, 1,500 linear warm-up iterations then poly decay. Run it through eval/seg/train.py
 # (make eval-ade20k), which fills encoder/data_root/work_dir and scales the numbers below to the
 # command line (crop size, iterations, per-GPU batch).
 custom_imports = dict(imports=["eval.seg.backbone", "eval.seg.data", "eval.seg.hooks"], allow_failed_imports=False)
