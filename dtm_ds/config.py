@@ -74,6 +74,10 @@ class TeacherConfig:
     input_norm: str = "student"
     """'student': the teacher sees the student's ImageNet-normalised input, as the reference feeds CLIP;
     'own': re-normalised to the teacher's own statistics (CLIP's mean and std)."""
+    activation: str = "auto"
+    """CLIP MLP activation for a state-dict teacher: 'auto' (the named model's; an error when the weights look
+    like OpenAI's, which need QuickGELU, and the model uses GELU), 'quick_gelu' or 'gelu'. OpenAI's
+    TorchScript archives carry their own (QuickGELU)."""
     target: str = "projected"
     """CLIP targets: 'projected' (ln_post tokens times the visual projection, 512-d for ViT-B/16) or
     'pre_projection' (the ln_post tokens, 768-d: the reference's --no_clip_proj)."""
@@ -91,6 +95,8 @@ class TeacherConfig:
             raise ValueError(f"teacher.weights_dtype must be stored, fp32 or compute, got {self.weights_dtype!r}")
         if self.input_norm not in ("own", "student"):
             raise ValueError(f"teacher.input_norm must be 'own' or 'student', got {self.input_norm!r}")
+        if self.activation not in ("auto", "quick_gelu", "gelu"):
+            raise ValueError(f"teacher.activation must be auto, quick_gelu or gelu, got {self.activation!r}")
         if self.target not in ("projected", "pre_projection"):
             raise ValueError(f"teacher.target must be 'projected' or 'pre_projection', got {self.target!r}")
         if self.target == "pre_projection" and kind != "clip":

@@ -80,7 +80,7 @@ def build_teacher(cfg: TeacherConfig, model: ModelConfig, device: torch.device) 
     if kind == "pixels":
         teacher = PixelTeacher(model.patch_size)
     elif kind == "clip":
-        teacher = _clip(name, _weights_file(cfg), model, cfg.input_norm, cfg.target == "projected")
+        teacher = _clip(name, _weights_file(cfg), model, cfg, cfg.target == "projected")
     elif kind == "timm":
         teacher = _timm(name, _weights_file(cfg), model, cfg.input_norm)
     else:
@@ -142,7 +142,7 @@ def _norm(input_norm: str, mean, std):
     return (IMAGENET_MEAN, IMAGENET_STD) if input_norm == "student" else (mean, std)
 
 
-def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str, project: bool = True) -> Teacher:
+def _clip(name: str, weights: Path, model: ModelConfig, cfg: TeacherConfig, project: bool = True) -> Teacher:
     import open_clip
 
     try:  # an OpenAI TorchScript archive
@@ -150,17 +150,43 @@ def _clip(name: str, weights: Path, model: ModelConfig, input_norm: str, project
         clip = open_clip.model.build_model_from_openai_state_dict(state)
         _check_archive(clip.visual, open_clip.get_model_config(name), name, weights)
     except RuntimeError:  # an open_clip state dict
-        clip = open_clip.create_model(name, pretrained=None)
-        _load_state(clip, _read_state(weights), f"clip:{name}", weights)
+        state = _read_state(weights)
+        quick = _quick_gelu(name, state, cfg.activation, weights)
+        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
+        _load_state(clip, state, f"clip:{name}", weights)
     visual = clip.visual
     if tuple(visual.image_size) != (model.img_size, model.img_size):
         raise ValueError(
             f"teacher clip:{name} expects {tuple(visual.image_size)} px input, the student uses {model.img_size} px"
         )
     visual.output_tokens = True
-    teacher = ClipTeacher(visual, visual.proj.shape[int(project)], *_norm(input_norm, CLIP_MEAN, CLIP_STD))
+    teacher = ClipTeacher(visual, visual.proj.shape[int(project)], *_norm(cfg.input_norm, CLIP_MEAN, CLIP_STD))
     teacher.project = project
     return teacher
+
+
+def _quick_gelu(name: str, state: dict, activation: str, weights: Path) -> bool:
+    """Whether to force QuickGELU on open_clip's ``name`` for these weights. OpenAI trained CLIP with
+    QuickGELU and released it in float16; the same weights under GELU give targets about 1 % off, silently.
+    So weights whose every value is a float16 number, loaded into a GELU model, are an error unless the
+    user says which activation they need."""
+    import open_clip
+
+    if activation != "auto":
+        return activation == "quick_gelu"
+    if (open_clip.get_model_config(name) or {}).get("quick_gelu") or not _float16_exact(state):
+        return False
+    raise ValueError(
+        f"teacher weights {weights} look like OpenAI's CLIP (every value is a float16 number, as OpenAI "
+        f"released them), which was trained with QuickGELU, but clip:{name} uses GELU (targets about 1 % off). "
+        f"Use teacher.activation=quick_gelu (or teacher.name=clip:{name}-quickgelu, or OpenAI's TorchScript "
+        "archive); teacher.activation=gelu if these are other weights stored in float16"
+    )
+
+
+def _float16_exact(state: dict) -> bool:
+    floats = [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1]
+    return bool(floats) and all(torch.equal(v.half().float(), v.float()) for v in floats)
 
 
 def _check_archive(visual: nn.Module, config: dict | None, name: str, weights: Path) -> None:

@@ -66,6 +66,8 @@ MUTANTS = [
            f"{TEACH} -k autocast"),
     Mutant("teacher: bf16 by default on GPU", "dtm_ds/teacher.py", 'return torch.float16 if device.type == "cuda"',
            'return torch.bfloat16 if device.type == "cuda"', f"{TEACH} -k auto"),
+    Mutant("teacher: OpenAI-like weights under GELU", "dtm_ds/teacher.py", 'get("quick_gelu") or not _float16_exact(state)',
+           'get("quick_gelu") or True', f"{TEACH} -k openai_like"),
     # student
     Mutant("student: mask token on visible patches", "dtm_ds/student.py", "torch.where(mask.unsqueeze(-1),",
            "torch.where(~mask.unsqueeze(-1),", f"{TRAIN} -k mask_token"),

@@ -82,3 +82,27 @@ def test_the_teacher_computes_under_autocast_in_its_dtype(tiny_clip):
         assert got.dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
         assert cos.min() > 0.99, (weights_dtype, float(cos.min()))
+
+
+def test_openai_like_weights_in_a_gelu_model_are_an_error_until_the_activation_is_named(tiny_clip, tmp_path):
+    """Weights whose every value is a float16 number (as OpenAI released CLIP, trained with QuickGELU) in a
+    GELU model: a clear error; with teacher.activation=quick_gelu the targets are open_clip's QuickGELU
+    tower's, with gelu its GELU tower's."""
+    import open_clip
+
+    state = {k: v.half().float() for k, v in torch.load(tiny_clip, weights_only=True).items()}
+    torch.save(state, tmp_path / "openai_like.pt")
+    model, weights = build_config("tiny").model, str(tmp_path / "openai_like.pt")
+    with pytest.raises(ValueError, match=r"look like OpenAI's CLIP .* teacher.activation=quick_gelu"):
+        build_teacher(TeacherConfig(name="clip:dtm-test-clip", weights=weights), model, CPU)
+    x = torch.randn(2, 3, 32, 32)
+    for activation, quick in (("quick_gelu", True), ("gelu", False)):
+        cfg = TeacherConfig(name="clip:dtm-test-clip", weights=weights, activation=activation)
+        clip = open_clip.create_model("dtm-test-clip", pretrained=None, force_quick_gelu=quick)
+        clip.load_state_dict(state)
+        clip.visual.output_tokens = True
+        _, tokens = clip.visual.eval()(x)
+        torch.testing.assert_close(build_teacher(cfg, model, CPU)(x), tokens @ clip.visual.proj)
+    quick_gelu = TeacherConfig(name="clip:dtm-test-clip", weights=weights, activation="quick_gelu")
+    gelu = TeacherConfig(name="clip:dtm-test-clip", weights=weights, activation="gelu")
+    assert not torch.allclose(build_teacher(quick_gelu, model, CPU)(x), build_teacher(gelu, model, CPU)(x))
