@@ -98,7 +98,7 @@ def build_cfg(
         val_interval: iterations between validations (single-scale mIoU).
         checkpoint_interval: iterations between checkpoints.
         drop_path: stochastic depth rate of the encoder (None: the size's recipe).
-        workers: DataLoader workers per process.
+        workers: DataLoader workers per process (capped by the cores of the node shared by its ranks).
         log_interval: iterations between log lines.
         amp: mixed precision, bf16 or fp16 (None: fp32).
         launcher: none (one process) or pytorch (torchrun).
@@ -140,10 +140,12 @@ def build_cfg(
                 step["scale"] = (4 * crop, crop)
             if step["type"] == "RandomCrop":
                 step["crop_size"] = size
+    workers = devices.cap_workers(workers, "ADE20K loader")
     for loader in loaders:
         loader.dataset.data_root = str(data)
         loader.num_workers = workers
         loader.persistent_workers = workers > 0
+        loader.pin_memory = devices.accelerator() == "cuda"  # pinned batches: asynchronous copies to the GPU
     cfg.train_dataloader.batch_size = batch_size // world
 
     cfg.optim_wrapper.optimizer.update(lr=lr, weight_decay=weight_decay)
