@@ -4,12 +4,14 @@ import subprocess
 import pytest
 import torch
 
-from bench.morph_reference import canonical
+from bench.morph_reference import canonical, reference_groups, reference_loss
 from dtm_ds.graphed import GraphedMorph
-from dtm_ds.morph import dtm_loss, morphed_loss, sample_schedule
+from dtm_ds.morph import morphed_loss, sample_schedule
 
 
-def test_eager_morph_equals_dtm_loss():
+def test_graphed_morph_on_cpu_equals_the_slow_reference():
+    """GraphedMorph's groups and per-level losses against bench/morph_reference.py (one sample, one group at
+    a time), not against another entry point of the same code."""
     gen = torch.Generator().manual_seed(0)
     pred, target = torch.randn(3, 49, 8, generator=gen), torch.randn(3, 49, 8, generator=gen)
     graphed = GraphedMorph(cuda_graph=True)  # CPU: falls back to eager
@@ -20,9 +22,11 @@ def test_eager_morph_equals_dtm_loss():
         want = [[len(set(row.tolist())) for row in level] for level in morphed.groups]  # distinct ids per sample
         assert morphed.counts().tolist() == want
         assert (morphed.counts() < 49).any()  # something merged in these draws
-        torch.testing.assert_close(
-            morphed_loss(pred, target, morphed, "l2", 2.0), dtm_loss(pred, target, schedule, "l2", per_level=True)
-        )
+        for level, merges in enumerate(schedule):
+            want_groups = [canonical(reference_groups(t, merges.tolist())) for t in target]
+            assert [canonical(g.tolist()) for g in morphed.groups[level]] == want_groups
+        want = torch.stack([reference_loss(pred, target, schedule[i : i + 1], "l2") for i in range(2)])
+        torch.testing.assert_close(morphed_loss(pred, target, morphed, "l2", 2.0), want)
 
 
 def test_compiled_morph_equals_eager_without_recompiling():
