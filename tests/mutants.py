@@ -9,6 +9,7 @@ Add a mutant whenever a bug is fixed: the defect it was, as one line, and the te
 The source files are restored after every mutant, also when the run is interrupted.
 """
 
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +48,7 @@ MUTANTS = [
            "1", f"{AUG} -k masks"),
     # augmentation and seeds
     Mutant("jitter: one-sided", "dtm_ds/data.py", "(1 + jitter * (2 * draws[:, 1:] - 1))", "(1 + jitter * draws[:, 1:])",
-           f"{AUG} -k jitter or contrast"),
+           f"{AUG} -k 'jitter or contrast'"),
     Mutant("flip: never", "dtm_ds/data.py", "(draws[:, 0] < 0.5)", "(draws[:, 0] < 0.0)", f"{AUG} -k crop"),
     Mutant("draws: same every epoch", "dtm_ds/loader.py", "np.random.default_rng([self.spec.seed, epoch, int(i)])",
            "np.random.default_rng([self.spec.seed, 0, int(i)])", f"{AUG} -k jitter"),
@@ -115,7 +116,8 @@ MUTANTS = [
 
 
 def run(mutant: Mutant, timeout: float = 900) -> tuple[bool, float, str]:
-    """Apply ``mutant``, run its tests, restore the file: (caught, seconds, the last line pytest printed)."""
+    """Apply ``mutant``, run its tests, restore the file: (caught, seconds, the failing test or pytest's last
+    line). Caught means a test failed (pytest's exit 1); an error that ran no test is raised, not counted."""
     path = ROOT / mutant.path
     source = path.read_text()
     if source.count(mutant.old) != 1:
@@ -125,7 +127,11 @@ def run(mutant: Mutant, timeout: float = 900) -> tuple[bool, float, str]:
         path.write_text(source.replace(mutant.old, mutant.new))
         cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider -m '' {mutant.tests}"
         done = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-        caught, last = done.returncode != 0, (done.stdout.strip().splitlines() or ["(no output)"])[-1]
+        lines = done.stdout.strip().splitlines()
+        if done.returncode not in (0, 1):  # pytest: 1 = a test failed; 2-5 = no test ran to judge the mutant
+            raise RuntimeError(f"{mutant.area}: pytest exited {done.returncode} ({mutant.tests}): {lines[-3:]}")
+        failed = [line for line in lines if line.startswith("FAILED")]
+        caught, last = done.returncode == 1, (failed or lines or ["(no output)"])[-1][:110]
     except subprocess.TimeoutExpired:
         caught, last = True, f"timed out after {timeout:.0f} s"
     finally:
@@ -134,6 +140,7 @@ def run(mutant: Mutant, timeout: float = 900) -> tuple[bool, float, str]:
 
 
 def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through run()'s finally: the file is restored
     if "--list" in argv:
         for i, m in enumerate(MUTANTS, 1):
             print(f"{i:>2}. {m.area}  [{m.path}]  {m.tests}")
