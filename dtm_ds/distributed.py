@@ -54,10 +54,17 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
 
 
 def planned_world(env: dict | None = None) -> int:
-    """The world size the launcher asked for (WORLD_SIZE, or SLURM's task count), readable before ``init``:
-    user input is checked against it before any distributed set-up."""
+    """The world size the launcher asked for (torchrun's and DeepSpeed's WORLD_SIZE, SLURM's or MPI's task
+    count), readable before ``init``: user input is checked against it before any distributed set-up."""
     env = os.environ if env is None else env
-    return int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 1)
+    keys = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+    return int(next((env[k] for k in keys if env.get(k, "").isdigit()), 1))
+
+
+def check_world(planned: int) -> None:
+    """After ``init``: the world the inputs were checked for is the world that runs."""
+    if world() != planned:
+        raise RuntimeError(f"the launcher planned {planned} ranks (checked against the inputs), {world()} started")
 
 
 def init_plain() -> None:

@@ -226,6 +226,7 @@ def main(
     world = distributed.planned_world()
     engine_cfg = check_inputs(config, ds_path, world)  # before the distributed set-up: it builds DeepSpeed's ops
     device = distributed.init(local_rank, config.run.dist_timeout_s)
+    distributed.check_world(world)
     out = config.run.output_dir
     trainer = Trainer(config, engine_cfg, device)
     tag = checkpoint.latest_tag(out, prefix="step")

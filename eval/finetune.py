@@ -339,10 +339,12 @@ def main(
         print(json.dumps(resolved_settings(job, recipe, architecture, ds_path, model), indent=2))
         return None
     # every user input before the distributed set-up (which builds DeepSpeed's ops)
-    engine_cfg = engine_config(ds_path, distributed.planned_world(), recipe.batch_size, "recipe.batch_size")
+    world = distributed.planned_world()
+    engine_cfg = engine_config(ds_path, world, recipe.batch_size, "recipe.batch_size")
     engine_cfg["gradient_clipping"] = recipe.clip_grad  # the recipe's, not the pretraining JSON's 3.0
     sets = open_sets(job)
     device = distributed.init(local_rank)
+    distributed.check_world(world)
     tuner = FineTuner(job, recipe, engine_cfg, device, sets)  # encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:

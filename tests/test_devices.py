@@ -254,3 +254,13 @@ def test_a_missing_deepspeed_json_is_reported_before_any_op_is_built(entrypoint,
     assert done.stderr.strip().splitlines() == [f"error: DeepSpeed config {gone} does not exist (see ds_configs/)"]
     assert list(cache.iterdir()) == [] and not out.exists()
     assert seconds < 20, seconds
+
+
+def test_the_planned_world_is_read_from_each_launcher_before_set_up():
+    assert distributed.planned_world({}) == 1
+    assert distributed.planned_world({"WORLD_SIZE": "8"}) == 8  # torchrun, the deepspeed launcher
+    assert distributed.planned_world({"SLURM_NTASKS": "16"}) == 16  # srun
+    assert distributed.planned_world({"OMPI_COMM_WORLD_SIZE": "4"}) == 4  # mpirun
+    assert distributed.planned_world({"WORLD_SIZE": "2", "SLURM_NTASKS": "16"}) == 2
+    with pytest.raises(RuntimeError, match="the launcher planned 3 ranks .* 1 started"):
+        distributed.check_world(3)
