@@ -345,13 +345,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(folder, tmp_path):
 
 
 def test_a_nonfinite_micro_step_drops_exactly_its_window(folder, tmp_path):
-    """Accumulation 2, a NaN at micro-step 3 (second half of window 1): window 1 is dropped whole. Reference:
+    """Accumulation 2, a NaN at micro-step 2 (the first half of window 1, so the flag must survive the
+    window's clean second half): window 1 is dropped whole. Reference:
     a clean run stopped after step 1 whose checkpoint is edited to say window 1 was consumed and dropped,
     then resumed. Equal losses at steps 2 and 3 mean the drop left parameters, Adam state, lr schedule and
     DeepSpeed's accumulation phase exactly as they were."""
     ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
     dropped, edited = tmp_path / "dropped", tmp_path / "edited"
-    subprocess.run(_train_cmd(folder, dropped, ds, 3), check=True, cwd=ROOT, env=_env({"nan_micro": [3]}),
+    subprocess.run(_train_cmd(folder, dropped, ds, 3), check=True, cwd=ROOT, env=_env({"nan_micro": [2]}),
                    capture_output=True)  # fmt: skip
     rows = [json.loads(line) for line in (dropped / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_windows"]) for r in rows] == [(1, 0), (2, 1), (3, 1)]
