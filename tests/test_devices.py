@@ -213,7 +213,9 @@ r = distributed.rank()
 total = distributed.sum_tensor(torch.tensor([1.0 + r, 10.0 * r]))
 rows = distributed.gather_rows(torch.tensor([r, r * r], dtype=torch.float64))
 flag, local = distributed.agree(torch.tensor(r == 1), r == 0)
-print(r, total.tolist(), total.device, total.dtype, rows.tolist(), flag, local, distributed.mean_tensor(total).tolist())
+mean = distributed.mean_tensor(total).tolist()
+values = (r, total.tolist(), total.device, total.dtype, rows.tolist(), flag, local, mean)
+open(sys.argv[1] + f"/rank{r}.txt", "w").write(" ".join(map(str, values)))  # a file each: prints would interleave
 distributed.close()
 """
     (tmp_path / "w.py").write_text(code)
@@ -224,12 +226,13 @@ distributed.close()
         "--nproc_per_node=2",
         "--master_port=29671",
         str(tmp_path / "w.py"),
+        str(tmp_path),  # where each rank writes its line
     ]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line[:2] in ("0 ", "1 "))
-    for r, line in enumerate(lines):
+    for r in (0, 1):
+        line = (tmp_path / f"rank{r}.txt").read_text()
         assert line == f"{r} [3.0, 10.0] cpu torch.float64 [[0.0, 0.0], [1.0, 1.0]] True True [3.0, 10.0]", line
 
 
