@@ -107,6 +107,9 @@ MUTANTS = [
            f"{DEV} -k decision"),
     Mutant("collective: host tensor on NCCL", "dtm_ds/distributed.py", ".to(comm_device(), torch.float64, copy=True)",
            ".to(dtype=torch.float64, copy=True)", f"{DEV} -k communication_device"),
+    Mutant("workers: not capped", "dtm_ds/devices.py", "if requested <= share:", "if True:", f"{DEV} -k capped"),
+    Mutant("picture: its own crop scale", "dtm_ds/visualize.py", "jitter=0.0, seed=seed,", "jitter=0.0, seed=seed, min_crop_scale=0.2,",
+           "tests/test_eval.py -k picture_takes"),
     # evaluation
     Mutant("k-NN: temperature ignored", "eval/knn.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
            "tests/test_eval.py -k knn_vote"),
