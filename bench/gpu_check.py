@@ -12,7 +12,7 @@ PASS/FAIL line with its figures; the exit status is 1 unless every part passed.
 3. morph_ms    morphing + loss, eager vs CUDA graph.
 4. gpu_tests   the tests marked gpu (graph replay, CLIP towers from timm and open_clip in fp16/bf16, collectives
                on NCCL); dry run: they are collected.
-5. train_step  the real ``Trainer.window`` at ViT-B/16 on a generated FFCV .beton, with an open_clip
+5. train_step  the real ``train_window`` at ViT-B/16 on a generated FFCV .beton, with an open_clip
                CLIP-B/16-architecture teacher (random weights from a file) in its default precision, ZeRO-2 bf16
                (ds_configs/zero2_bf16.json) and the CUDA graph: img/s, MFU, peak memory, the DTM share.
 6. memory      peak GPU memory per preset at micro batch 64 (two real windows each, one process each).
@@ -294,15 +294,16 @@ def _window_worker(folder: Path, preset: str, clip: str, size: int, micro: int, 
 
 
 def window(folder: str, preset: str, clip: str, size: int, micro: int, windows: int) -> dict:
-    """The real pretraining Trainer on this machine's device: ``windows`` timed windows after 3 warm-ups, then
-    3 windows with the phase clock on (their DTM share)."""
+    """The real pretraining window (``dtm_ds.train.train_window``) on this machine's device: ``windows`` timed
+    windows after 3 warm-ups, then 3 windows with the phase clock on (their DTM share)."""
     from dtm_ds import distributed
     from dtm_ds.config import build_config
     from dtm_ds.devices import default_ds_config
     from dtm_ds.engine import engine_config
-    from dtm_ds.logs import device_peak_flops, memory_gib
+    from dtm_ds.loader import PretrainLoader, loader_spec
+    from dtm_ds.logs import Clock, device_peak_flops, memory_gib
     from dtm_ds.teacher import precision
-    from dtm_ds.train import Trainer
+    from dtm_ds.train import Schedule, TrainState, build, train_window
 
     folder_path = Path(folder)
     beton, weights = make_data(folder_path, 512, size), make_teacher(folder_path, clip)
@@ -313,39 +314,39 @@ def window(folder: str, preset: str, clip: str, size: int, micro: int, windows: 
     overrides = {"data.path": str(beton), "data.backend": "ffcv", "teacher.name": f"clip:{clip}",
                  "teacher.weights": str(weights), "run.output_dir": str(folder_path / f"run_{preset}")}  # fmt: skip
     config = build_config(preset, overrides)
-    trainer = Trainer(config, engine_config(str(ds_path), 1, None), device)
-    trainer.build()
+    ds_config = engine_config(str(ds_path), 1, None)
+    loader = PretrainLoader(loader_spec(config, ds_config), device)
+    parts = build(config, ds_config, device, loader, Schedule.of(config, ds_config, loader))
+    stream, state, cuda = parts.loader.windows(0, 0), TrainState(), device.type == "cuda"
 
-    def batches():
-        epoch = 0
-        while True:
-            yield from trainer.loader.epoch(epoch)
-            epoch += 1
+    def step(clock: Clock):
+        out, _ = train_window(parts, state, next(stream)[2], clock)
+        state.step += 1
+        return out
 
-    stream, cuda = batches(), device.type == "cuda"
     for _ in range(3):
-        out = trainer.window(stream, False)
+        out = step(Clock(None))
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(windows):
-        out = trainer.window(stream, False)
+        out = step(Clock(None))
     if cuda:
         torch.cuda.synchronize()
     img_s = windows * micro / (time.perf_counter() - start)
     phases: dict[str, float] = {}
     for _ in range(3):
-        timed = trainer.window(stream, True)
-        for key, value in timed["times"].items():
+        step(clock := Clock(device))
+        for key, value in clock.times.items():
             phases[key] = phases.get(key, 0.0) + value
     peak = device_peak_flops()
     mem = memory_gib().tolist()
     row = {
-        "window": preset, "micro": micro, "img_s": img_s, "loss": float(out["levels"].mean()),
-        "finite": bool(torch.isfinite(out["levels"]).all()), "peak_gib": mem[0] if cuda else mem[1],
-        "mfu": trainer.flops_per_image * img_s / peak if peak and trainer.flops_per_image else None,
+        "window": preset, "micro": micro, "img_s": img_s, "loss": float(out.value.mean()),
+        "finite": bool(torch.isfinite(out.value).all()), "peak_gib": mem[0] if cuda else mem[1],
+        "mfu": parts.flops_per_image * img_s / peak if peak and parts.flops_per_image else None,
         "dtm_share": phases.get("time_dtm", 0.0) / max(sum(phases.values()), 1e-9), "phases_s": phases,
-        "graphs": len(trainer.morph.graphs), "teacher": precision(config.teacher, device.type),
+        "graphs": len(parts.morph.graphs), "teacher": precision(config.teacher, device.type),
     }  # fmt: skip
     print(json.dumps(row), flush=True)
     return row

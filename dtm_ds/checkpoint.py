@@ -1,5 +1,6 @@
 """DeepSpeed checkpoints of a run: staged saves published whole, rotation, the latest complete one, elastic
-conversion. Students on disk (load, export) are dtm_ds/students.py."""
+conversion. ``Checkpointer`` is what the entrypoints use; students on disk (load, export) are
+dtm_ds/students.py."""
 
 import contextlib
 import gc
@@ -7,9 +8,15 @@ import json
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+__all__ = [
+    "CHECKPOINTS", "COMPLETE", "STAGING", "UNIVERSAL", "CheckpointError", "Checkpointer", "Resume",
+    "checkpoint_dir", "is_complete", "latest_tag", "weights_only",
+]  # fmt: skip
 
 CHECKPOINTS = "checkpoints"
 
@@ -217,37 +224,6 @@ def to_universal(output_dir: str | Path, tag: str) -> str:
     return out.name
 
 
-def resume_tag(output_dir: str | Path, tag: str | None, ds_config: dict, world: int) -> str | None:
-    """The tag to load ``tag`` from on ``world`` ranks. A ZeRO-1/2 checkpoint of another number of ranks
-    (its optimizer state is partitioned per rank) is converted to DeepSpeed's universal format on rank 0
-    and ``ds_config`` set to load it; ZeRO-3 is refused (its universal state does not restore exactly);
-    stage 0 keeps the state whole and loads on any world as is."""
-    from dtm_ds import distributed
-
-    saved_on = zero_ranks(output_dir, tag) if tag else 0
-    if saved_on in (0, world):
-        return tag
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        raise CheckpointError(
-            f"{tag} was saved by {saved_on} ranks with ZeRO-3; DeepSpeed's universal checkpoint does not restore "
-            f"ZeRO-3's optimizer state exactly on another number of ranks (per-step losses drift, 2e-5 after "
-            f"one step on the tiny preset). Resume on {saved_on} ranks, or use ZeRO-1/2 for runs that change size"
-        )
-    ds_config["checkpoint"] = ds_config.get("checkpoint", {}) | {"load_universal": True}
-    return distributed.on_rank0(lambda: to_universal(output_dir, tag))
-
-
-def lost_peer_message(output_dir: str | Path, rank: int, error: BaseException | None = None) -> str:
-    """What a rank says when another rank died or hung: where the run can resume from (and the error)."""
-    tag = latest_tag(output_dir, prefix="step")
-    said = f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:300]})" if error else ""
-    return (
-        f"rank {rank}: lost contact with another rank. The launcher's report names the rank that failed first. "
-        f"The last complete checkpoint is {tag or 'none'} in {checkpoint_dir(output_dir)}; re-run the same "
-        f"command to resume.{said}"
-    )
-
-
 def load(engine, output_dir: str | Path, tag: str) -> dict:
     """Load checkpoint ``tag`` into ``engine`` (weights-only unpickling) and return its client state. A
     universal conversion (``resume_tag``) is removed once every rank has loaded it."""
@@ -264,10 +240,60 @@ def load(engine, output_dir: str | Path, tag: str) -> dict:
     return client
 
 
-def finished_message(output_dir: str | Path, tag: str, max_steps: int) -> str:
-    """What a re-run of a finished run prints (and nothing else happens): where its last checkpoint is, then
-    the run's JSON summary line."""
-    step = checkpoint_step(output_dir, tag)
-    where = checkpoint_dir(output_dir) / tag
-    summary = json.dumps({"done": True, "step": step, "loss": None})
-    return f"nothing to do: the run is done at step {step} of {max_steps}; its last checkpoint is {where}\n{summary}"
+@dataclass(frozen=True)
+class Resume:
+    """Where a run starts: the checkpoint to load (None: from scratch), the step it recorded, and whether it
+    loads through DeepSpeed's universal format (saved partitioned over another number of ranks)."""
+
+    tag: str | None = None
+    step: int = 0
+    universal: bool = False
+
+    def engine_config(self, ds_config: dict) -> dict:
+        """The DeepSpeed config to build the engine with (a new dict): the universal load switched on when
+        this resume goes through the universal format."""
+        if not self.universal:
+            return ds_config
+        return ds_config | {"checkpoint": ds_config.get("checkpoint", {}) | {"load_universal": True}}
+
+
+class Checkpointer:
+    """The checkpoints of one run folder: ``plan`` decides where to resume (before the engine exists: the
+    elastic decision changes its config), ``load`` restores the engine and returns the saved state,
+    ``save`` writes one (a collective). Tags are ``<prefix><step:08d>`` unless a save names its own."""
+
+    def __init__(self, output_dir: str | Path, prefix: str, keep_last: int):
+        self.output_dir, self.prefix, self.keep_last = Path(output_dir), prefix, keep_last
+        self.folder = checkpoint_dir(output_dir)
+
+    def latest(self) -> tuple[str | None, int]:
+        """The newest complete checkpoint of this prefix and its step (None, 0 when there is none)."""
+        tag = latest_tag(self.output_dir, self.prefix)
+        return tag, checkpoint_step(self.output_dir, tag) if tag else 0
+
+    def plan(self, ds_config: dict, world: int, max_steps: int | None = None) -> Resume:
+        """Where to start on ``world`` ranks. A run already at ``max_steps`` is returned as is (nothing is
+        converted). A ZeRO-1/2 checkpoint partitioned over another number of ranks is converted to
+        DeepSpeed's universal format on rank 0 (a collective); ZeRO-3 is refused (its universal state does
+        not restore exactly); stage 0 keeps the state whole and loads on any world as is."""
+        from dtm_ds import distributed
+
+        tag, step = self.latest()
+        saved_on = zero_ranks(self.output_dir, tag) if tag else 0
+        if saved_on in (0, world) or (max_steps is not None and step >= max_steps):
+            return Resume(tag, step)
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise CheckpointError(
+                f"{tag} was saved by {saved_on} ranks with ZeRO-3; DeepSpeed's universal checkpoint does not "
+                "restore ZeRO-3's optimizer state exactly on another number of ranks (per-step losses drift, "
+                f"2e-5 after one step on the tiny preset). Resume on {saved_on} ranks, or use ZeRO-1/2 for runs "
+                "that change size"
+            )
+        return Resume(distributed.on_rank0(lambda: to_universal(self.output_dir, tag)), step, universal=True)
+
+    def load(self, engine, resume: Resume) -> dict:
+        """Load ``resume``'s checkpoint into ``engine`` (weights-only unpickling); its client state."""
+        return load(engine, self.output_dir, resume.tag)
+
+    def save(self, engine, step: int, client_state: dict, tag: str | None = None, keep_last: int | None = None) -> str:
+        return save(engine, self.output_dir, step, client_state, keep_last or self.keep_last, self.prefix, tag)

@@ -6,16 +6,28 @@
   the lr that acted, and a skipped window leaves the schedule where it was;
 * ``WindowAdamW.skip_next`` turns the next optimizer step into a no-op. DeepSpeed still runs its
   boundary (reductions, clipping, clearing the accumulated gradients) at every ZeRO stage and
-  precision, so a window whose loss was non-finite is dropped whole and the next one starts clean.
+  precision, so a window whose loss was non-finite is dropped whole and the next one starts clean;
+* ``Windows.run`` is the window protocol that pretraining and fine-tuning share: per micro-batch the
+  caller's loss, an agreement of every rank on two flags (a non-finite loss; a stop signal), backward,
+  the skip flag, ``engine.step()``; ``stop_on_signals`` turns SIGTERM/SIGINT into the stop flag.
 """
 
 import difflib
 import json
 import math
+import signal
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+__all__ = [
+    "DEEPSPEED_KEYS", "Window", "WindowAdamW", "Windows", "build_engine", "engine_config", "engine_dtype",
+    "grad_norms", "ignore_stop_signals", "local_grad_norm", "lr_factor", "no_decay_names", "param_groups",
+    "set_lr", "stop_on_signals",
+]  # fmt: skip
 
 _KEYS = """activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger
     communication_data_type compile compression_training csv_monitor curriculum_learning data_efficiency
@@ -113,6 +125,71 @@ class WindowAdamW(torch.optim.AdamW):
         if self.skip_next:
             return None
         return super().step(closure)
+
+
+@dataclass(frozen=True)
+class Window:
+    """What one optimizer window did."""
+
+    value_sum: torch.Tensor  # the sum over the window's micro-steps of what the loss function reported (device)
+    micro_steps: int
+    dropped: bool  # a micro-step's loss was non-finite on some rank: no update anywhere
+    stop: bool  # some rank saw a stop signal: every rank ends the run after this window
+    local_norm: torch.Tensor | None  # this rank's gradient norm before the step (``want_norm``, stage 0)
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The window's mean of the reported values."""
+        return self.value_sum / self.micro_steps
+
+
+class Windows:
+    """The window protocol around one engine. ``run(loss_of)`` runs ``accum`` micro-steps, where
+    ``loss_of(m)`` returns micro-step ``m``'s ``(loss, value)``: ``loss`` is backpropagated, ``value``
+    (detached) is averaged over the window for the caller's logs. ``micro`` counts this process's
+    micro-steps (the fault injections of dtm_ds/faults.py are keyed by it); ``stop_requested`` is set by
+    the signal handler of ``stop_on_signals``."""
+
+    def __init__(self, engine, optimizer: WindowAdamW, accum: int):
+        self.engine, self.optimizer, self.accum = engine, optimizer, accum
+        self.micro, self.stop_requested = 0, False
+
+    def run(self, loss_of: Callable, clock=None, want_norm: bool = False) -> Window:
+        from dtm_ds import distributed, faults
+
+        value_sum, dropped, stop, local_norm = 0.0, False, False, None
+        for m in range(self.accum):
+            loss, value = loss_of(m)
+            if faults.nan_loss(self.micro):
+                loss = loss * float("nan")
+            faults.stop_signal(self.micro)
+            nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
+            dropped, stop = dropped or nonfinite, stop or stop_now
+            self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
+            value_sum, last = value_sum + value.detach(), m == self.accum - 1
+            if last and want_norm and not dropped:
+                local_norm = local_grad_norm(self.engine)  # before the step clears the gradients
+            if clock is not None:
+                clock("time_student")
+            self.optimizer.skip_next = last and dropped
+            self.engine.step()
+            self.optimizer.skip_next, self.micro = False, self.micro + 1
+            if clock is not None:
+                clock("time_optimizer")
+        return Window(value_sum, self.accum, dropped, stop, local_norm)
+
+
+def stop_on_signals(windows: Windows) -> None:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) set ``windows.stop_requested``: the ranks agree on a window,
+    save there and exit 0."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(windows, "stop_requested", True))
+
+
+def ignore_stop_signals() -> None:
+    """Saved and done: a late stop signal must not turn exit 0 into -15."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> list[float]:

@@ -2,6 +2,7 @@
 source, in the run's global order (dtm_ds/data.py), on the training device."""
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,7 +17,8 @@ from dtm_ds.masking import BlockMasking
 class PretrainLoader:
     """Batches of {"images": float [B, 3, S, S] normalised, "masks": bool [B, N], "labels": long [B]}.
 
-    ``epoch(e, start_batch)`` iterates epoch ``e`` from batch ``start_batch`` (a resumed run).
+    ``epoch(e, start_batch)`` iterates epoch ``e`` from batch ``start_batch`` (a resumed run);
+    ``windows(e, w)`` the optimizer windows from window ``w`` of epoch ``e`` on, over every epoch.
     """
 
     def __init__(self, spec: LoaderSpec, device: torch.device | str = "cpu"):
@@ -35,6 +37,19 @@ class PretrainLoader:
             masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
             x = normalize(augment_on_device(self._to_device(images), self._to_device(draws), self.spec.jitter))
             yield {"images": x, "masks": self._to_device(masks), "labels": self._to_device(labels)}
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.spec.accum
+
+    def windows(self, epoch: int, window: int) -> Iterator[tuple[int, int, Iterator[dict[str, torch.Tensor]]]]:
+        """``(epoch, window, its accum micro-batches)`` from window ``window`` of ``epoch`` on, without end; an
+        epoch's leftover micro-batches (fewer than a window) are not used."""
+        while True:
+            batches = self.epoch(epoch, window * self.spec.accum)
+            for w in range(window, self.windows_per_epoch):
+                yield epoch, w, itertools.islice(batches, self.spec.accum)
+            epoch, window = epoch + 1, 0
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return to_device(t, self.device)

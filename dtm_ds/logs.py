@@ -85,6 +85,10 @@ class Clock:
         self.add(phase, now - self.last)
         self.last = now
 
+    def host(self, phase: str) -> None:
+        """Charge the time since the last mark to ``phase`` without synchronising (host-side work)."""
+        self.add(phase, time.perf_counter() - self.last)
+
     def add(self, phase: str, seconds: float) -> None:
         if self.device is not None:
             self.times[phase] = self.times.get(phase, 0.0) + seconds

@@ -15,9 +15,7 @@ ends the run after the current window with one checkpoint, on every rank at the 
 """
 
 import json
-import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,10 +24,22 @@ if __package__ in (None, ""):  # run as a script: the package folder must not sh
 
 import torch
 
-from dtm_ds import checkpoint, devices, distributed, faults
+from dtm_ds import devices, distributed, faults
+from dtm_ds.checkpoint import Checkpointer, Resume, checkpoint_dir
 from dtm_ds.config import Config, build_config
 from dtm_ds.data import seed_of
-from dtm_ds.engine import build_engine, engine_config, engine_dtype, local_grad_norm, lr_factor, param_groups, set_lr
+from dtm_ds.engine import (
+    Window,
+    Windows,
+    build_engine,
+    engine_config,
+    engine_dtype,
+    ignore_stop_signals,
+    lr_factor,
+    param_groups,
+    set_lr,
+    stop_on_signals,
+)
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.loader import PretrainLoader, check_source, loader_spec
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
@@ -52,146 +62,164 @@ class TrainState:
     skipped_windows: int = 0  # windows dropped for a non-finite loss, over the whole run
 
 
-class Trainer:
-    """Builds the loader, teacher and student engine; ``fit()`` trains, logs, checkpoints and resumes."""
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in optimizer steps and its lr (linear warm-up, then cosine)."""
 
-    def __init__(self, config: Config, ds_config: dict, device: torch.device):
-        self.config, self.device, self.ds_config, self.state = config, device, ds_config, TrainState()
-        self.rank, self.world = distributed.rank(), distributed.world()
-        self.accum = ds_config["gradient_accumulation_steps"]
-        self.loader = PretrainLoader(loader_spec(config, ds_config, self.rank, self.world), device)
-        self.steps_per_epoch = self.loader.batches_per_epoch // self.accum
-        self.total_steps = config.optim.epochs * self.steps_per_epoch
-        self.max_steps = min(config.run.max_steps or self.total_steps, self.total_steps)
-        self.stop_requested, self.micro = False, 0  # a stop signal seen; micro-steps run by this process
+    steps_per_epoch: int
+    total_steps: int  # the whole schedule: optim.epochs
+    max_steps: int  # where this run stops (run.max_steps, at most total_steps)
+    warmup: int
+    peak_lr: float
+    min_lr: float
 
-    def build(self) -> None:
-        o, run = self.config.optim, self.config.run
-        self.teacher = build_teacher(self.config.teacher, self.config.model, self.device)
-        torch.manual_seed(run.seed)  # the same initial student whatever the world size
-        student = DTMStudent(self.config.model, self.teacher.dim)
-        groups = param_groups(student, o.weight_decay, o.decay_tables)
-        self.engine, self.optimizer = build_engine(student, groups, self.ds_config, o.betas, o.eps)
-        self.dtype, self.peak_lr = engine_dtype(self.ds_config), o.peak_lr(self.ds_config["train_batch_size"])
-        self.warmup = round(o.warmup_epochs * self.steps_per_epoch)
-        self.morph = GraphedMorph(self.config.dtm.protect_first, run.cuda_graph, run.compile)
-        shape = (self.ds_config["train_micro_batch_size_per_gpu"], self.config.model.grid**2, self.teacher.dim)
-        self.morph.prepare(torch.zeros(shape, device=self.device), self.schedule_for(0, 0))  # before loader threads
-        if run.compile:
-            self.engine.compile(backend=run.compile)
-        self.flops_per_image = step_flops(self.teacher, self.config.model, self.teacher.dim, self.device)
+    @classmethod
+    def of(cls, config: Config, ds_config: dict, loader: PretrainLoader) -> "Schedule":
+        o, per_epoch = config.optim, loader.windows_per_epoch
+        total = o.epochs * per_epoch
+        peak = o.peak_lr(ds_config["train_batch_size"])
+        return cls(per_epoch, total, min(config.run.max_steps or total, total), round(o.warmup_epochs * per_epoch),
+                   peak, o.min_lr)  # fmt: skip
 
     def lr(self, step: int) -> float:
         """The peak-group lr of the optimizer step that follows ``step`` applied steps."""
-        return self.peak_lr * lr_factor(step, self.total_steps, self.warmup, self.config.optim.min_lr / self.peak_lr)
+        return self.peak_lr * lr_factor(step, self.total_steps, self.warmup, self.min_lr / self.peak_lr)
 
-    def schedule_for(self, window: int, chunk: int) -> torch.Tensor:
-        """The DTM schedule of micro-batch ``chunk`` of window ``window`` (counted over the run, applied or
-        dropped): a function of (seed, window, chunk) whatever the ranks and micro-steps, sampled on the
-        device (no host round trip). ``dtm.shared_schedule``: one for the whole global batch."""
-        chunk = 0 if self.config.dtm.shared_schedule else chunk
-        gen = torch.Generator(device=self.device).manual_seed(seed_of(self.config.run.seed, window, chunk))
-        return sample_schedule(self.config.dtm.n_max, self.config.dtm.k_max, gen)
 
-    def fit(self) -> dict[str, float]:
-        """Windows until ``max_steps`` or a stop signal; logs, pictures and checkpoints on the way."""
-        run, s = self.config.run, self.state
-        dropped_in_a_row, last = 0, {}
-        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: agree on a step, save there and exit
-            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
-        log = RunLog(run.output_dir, self.rank == 0, self.max_steps, s.step, "pretrain")
-        lost = lambda: checkpoint.lost_peer_message(run.output_dir, self.rank)  # noqa: E731
-        watchdog = distributed.Watchdog(run.dist_timeout_s, lost, enabled=self.world > 1)
-        saved, stop = s.step, False
-        while s.step < self.max_steps and not stop:
-            batches = self.loader.epoch(s.epoch, s.epoch_step * self.accum)
-            while s.epoch_step < self.steps_per_epoch and s.step < self.max_steps and not stop:
-                timed = (s.step + 1) % run.log_every == 0 or s.step + 1 == self.max_steps
-                out = self.window(batches, timed)
-                watchdog.beat()
-                s.epoch_step, stop = s.epoch_step + 1, out["stop"]
-                if out["dropped"]:
-                    s.skipped_windows, dropped_in_a_row = s.skipped_windows + 1, dropped_in_a_row + 1
-                    if dropped_in_a_row >= run.max_nonfinite:
-                        raise FloatingPointError(
-                            f"{dropped_in_a_row} non-finite losses in a row at step {s.step + 1}; the last good "
-                            f"checkpoint in {checkpoint.checkpoint_dir(run.output_dir)} is intact"
-                        )
-                    continue
-                s.step, dropped_in_a_row = s.step + 1, 0
-                if timed:
-                    last = step_values(self.engine, self.optimizer, out["levels"], out["lrs"], out["local_norm"])
-                    last |= out["times"] | {"epoch": s.epoch, "skipped_windows": s.skipped_windows}
-                    tokens = self.config.model.grid**2
-                    log.step(s.step, last, self.engine.train_batch_size(), self.flops_per_image, tokens, self.world)
-                if run.vis_every and s.step % run.vis_every == 0 and self.rank == 0:
-                    figure = morph_figure(out["images"][:4], self.teacher, self.config, self.schedule_for(0, 0))
-                    log.image(s.step, figure)
-                if s.step % run.save_every == 0 and s.step < self.max_steps and not stop:
-                    saved = self.save(watchdog)
-            if s.epoch_step == self.steps_per_epoch:
-                s.epoch, s.epoch_step = s.epoch + 1, 0
-        if s.step > saved:
-            self.save(watchdog)
-        watchdog.close()
-        log.close()
-        if stop and self.rank == 0:
-            print(f"stopped by a signal at step {s.step} (all ranks); a re-run resumes there", flush=True)
-        return last
+@dataclass
+class Parts:
+    """What a pretraining run computes with, built by ``build``."""
 
-    def window(self, batches, timed: bool) -> dict:
-        """One optimizer step over ``accum`` micro-batches of ``batches``: per micro-batch, the teacher's
-        targets, the masked student, morphing and the DTM level losses [L]; see the module notes."""
-        lrs, dtm = set_lr(self.optimizer, self.lr(self.state.step)), self.config.dtm
-        clock, data_start = Clock(self.device if timed else None), time.perf_counter()
-        window = self.state.step + self.state.skipped_windows
-        level_sum, dropped, stop, local_norm = 0.0, False, False, None
-        for m in range(self.accum):
-            batch, chunk = next(batches), self.rank * self.accum + m
-            clock.add("time_data", time.perf_counter() - data_start)
-            torch.manual_seed(seed_of(self.config.run.seed, window, chunk))  # drop path: per micro-batch, not per rank
-            targets = self.teacher(batch["images"])  # (B, N, D)
-            clock("time_teacher")
-            pred = self.engine(batch["images"].to(self.dtype), batch["masks"]).float()  # (B, N, D)
-            clock("time_student")
-            schedule = self.schedule_for(window, chunk)  # (L, K) merges per iteration
-            morphed = self.morph(targets, schedule)  # groups (L, B, N)
-            levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
-            faults.dump(self.micro, images=batch["images"], targets=targets, pred=pred, schedule=schedule)
-            clock("time_dtm")
-            loss = dtm.loss_weight * levels.mean()
-            if faults.nan_loss(self.micro):
-                loss = loss * float("nan")
-            faults.stop_signal(self.micro)
-            nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
-            dropped, stop = dropped or nonfinite, stop or stop_now
-            self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
-            level_sum, last = level_sum + levels.detach(), m == self.accum - 1
-            if last and timed and not dropped:
-                local_norm = local_grad_norm(self.engine)  # before the step clears the gradients
-            clock("time_student")
-            self.optimizer.skip_next = last and dropped
-            self.engine.step()
-            self.optimizer.skip_next, self.micro = False, self.micro + 1
-            clock("time_optimizer")
-            data_start = time.perf_counter()
-        out = {"levels": level_sum / self.accum, "lrs": lrs, "dropped": dropped, "stop": stop}
-        return out | {"local_norm": local_norm, "times": clock.times, "images": batch["images"]}
+    config: Config
+    device: torch.device
+    loader: PretrainLoader
+    schedule: Schedule
+    teacher: torch.nn.Module
+    engine: object  # DeepSpeed's engine around the DTMStudent
+    optimizer: torch.optim.Optimizer
+    windows: Windows
+    morph: GraphedMorph
+    dtype: torch.dtype  # the engine's input dtype
+    flops_per_image: float | None  # of one training step (for MFU), where the device's peak is known
 
-    def save(self, watchdog) -> int:
-        faults.arm_checkpoint_kill(self.engine, self.state.step)
-        watchdog.pause()  # a long write is not a hang; the backend's own timeout covers its collectives
-        client = {"train_state": asdict(self.state), "world": self.world, "accum": self.accum}
-        checkpoint.save(self.engine, self.config.run.output_dir, self.state.step, client, self.config.run.keep_last)
+
+def build(config: Config, ds_config: dict, device: torch.device, loader: PretrainLoader, schedule: Schedule) -> Parts:
+    """The teacher (its weights), the student in its DeepSpeed engine, the DTM graph: their errors come before
+    any file is written."""
+    o, run = config.optim, config.run
+    teacher = build_teacher(config.teacher, config.model, device)
+    torch.manual_seed(run.seed)  # the same initial student whatever the world size
+    student = DTMStudent(config.model, teacher.dim)
+    engine, optimizer = build_engine(student, param_groups(student, o.weight_decay, o.decay_tables), ds_config,
+                                     o.betas, o.eps)  # fmt: skip
+    morph = GraphedMorph(config.dtm.protect_first, run.cuda_graph, run.compile)
+    shape = (ds_config["train_micro_batch_size_per_gpu"], config.model.grid**2, teacher.dim)
+    morph.prepare(torch.zeros(shape, device=device), dtm_schedule(config, device, 0, 0))  # before loader threads
+    if run.compile:
+        engine.compile(backend=run.compile)
+    windows = Windows(engine, optimizer, ds_config["gradient_accumulation_steps"])
+    return Parts(config, device, loader, schedule, teacher, engine, optimizer, windows,
+                 morph, engine_dtype(ds_config), step_flops(teacher, config.model, teacher.dim, device))  # fmt: skip
+
+
+def dtm_schedule(config: Config, device: torch.device, window: int, chunk: int) -> torch.Tensor:
+    """The DTM schedule [L, K] of micro-batch ``chunk`` of window ``window`` (counted over the run, applied or
+    dropped): a function of (seed, window, chunk) whatever the ranks and micro-steps, sampled on the device
+    (no host round trip). ``dtm.shared_schedule``: one for the whole global batch."""
+    chunk = 0 if config.dtm.shared_schedule else chunk
+    gen = torch.Generator(device=device).manual_seed(seed_of(config.run.seed, window, chunk))
+    return sample_schedule(config.dtm.n_max, config.dtm.k_max, gen)
+
+
+def train_window(p: Parts, s: TrainState, batches, clock: Clock) -> tuple[Window, torch.Tensor]:
+    """One optimizer step over the window's micro-batches ``batches``: per micro-batch, the teacher's targets,
+    the masked student, morphing and the DTM level losses [L]; the window protocol (dtm_ds/engine.py) does
+    the rest. Returns the window and its last micro-batch's images."""
+    dtm, seed, accum = p.config.dtm, p.config.run.seed, p.windows.accum
+    window, rank, seen = s.step + s.skipped_windows, distributed.rank(), {}
+
+    def loss_of(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, chunk = next(batches), rank * accum + m
+        clock.host("time_data")
+        torch.manual_seed(seed_of(seed, window, chunk))  # drop path: per micro-batch, not per rank
+        targets = p.teacher(batch["images"])  # (B, N, D)
+        clock("time_teacher")
+        pred = p.engine(batch["images"].to(p.dtype), batch["masks"]).float()  # (B, N, D)
+        clock("time_student")
+        schedule = dtm_schedule(p.config, p.device, window, chunk)  # (L, K) merges per iteration
+        morphed = p.morph(targets, schedule)  # groups (L, B, N)
+        levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
+        faults.dump(p.windows.micro, images=batch["images"], targets=targets, pred=pred, schedule=schedule)
+        clock("time_dtm")
+        seen["images"] = batch["images"]
+        return dtm.loss_weight * levels.mean(), levels
+
+    set_lr(p.optimizer, p.schedule.lr(s.step))
+    return p.windows.run(loss_of, clock, want_norm=clock.device is not None), seen["images"]
+
+
+def fit(p: Parts, s: TrainState, saver: Checkpointer) -> dict[str, float]:
+    """Windows until ``max_steps`` or a stop signal; logs, pictures and checkpoints on the way. Updates ``s``."""
+    run, rank, world, sched = p.config.run, distributed.rank(), distributed.world(), p.schedule
+    stop_on_signals(p.windows)  # preemption: the ranks agree on a window, save there and exit
+    log = RunLog(run.output_dir, rank == 0, sched.max_steps, s.step, "pretrain")
+    watchdog = distributed.Watchdog(run.dist_timeout_s, lambda: lost_peer_message(run.output_dir, rank),
+                                    enabled=world > 1)  # fmt: skip
+    saved, dropped_in_a_row, last, stop = s.step, 0, {}, False
+    for epoch, epoch_step, batches in p.loader.windows(s.epoch, s.epoch_step):
+        if s.step >= sched.max_steps or stop:
+            break
+        timed = (s.step + 1) % run.log_every == 0 or s.step + 1 == sched.max_steps
+        window, images = train_window(p, s, batches, clock := Clock(p.device if timed else None))
         watchdog.beat()
-        return self.state.step
+        rolled = epoch_step + 1 == sched.steps_per_epoch
+        (s.epoch, s.epoch_step), stop = (epoch + 1, 0) if rolled else (epoch, epoch_step + 1), window.stop
+        if window.dropped:
+            s.skipped_windows, dropped_in_a_row = s.skipped_windows + 1, dropped_in_a_row + 1
+            if dropped_in_a_row >= run.max_nonfinite:
+                raise FloatingPointError(
+                    f"{dropped_in_a_row} non-finite losses in a row at step {s.step + 1}; the last good "
+                    f"checkpoint in {checkpoint_dir(run.output_dir)} is intact"
+                )
+            continue
+        s.step, dropped_in_a_row = s.step + 1, 0
+        if timed:
+            lrs = [g["lr"] for g in p.optimizer.param_groups]  # the lrs that acted
+            last = step_values(p.engine, p.optimizer, window.value, lrs, window.local_norm)
+            last |= clock.times | {"epoch": s.epoch, "skipped_windows": s.skipped_windows}
+            tokens = p.config.model.grid**2
+            log.step(s.step, last, p.engine.train_batch_size(), p.flops_per_image, tokens, world)
+        if run.vis_every and s.step % run.vis_every == 0 and rank == 0:
+            log.image(s.step, morph_figure(images[:4], p.teacher, p.config, dtm_schedule(p.config, p.device, 0, 0)))
+        if s.step % run.save_every == 0 and s.step < sched.max_steps and not stop:
+            saved = save(p, s, saver, watchdog)
+    if s.step > saved:
+        save(p, s, saver, watchdog)
+    watchdog.close()
+    log.close()
+    if stop and rank == 0:
+        print(f"stopped by a signal at step {s.step} (all ranks); a re-run resumes there", flush=True)
+    return last
 
-    def resume(self, tag: str) -> None:
-        self.state = TrainState(**checkpoint.load(self.engine, self.config.run.output_dir, tag)["train_state"])
-        if self.rank == 0:
-            s, plain = self.state, tag.removeprefix(checkpoint.UNIVERSAL)
-            how = f" (through DeepSpeed's universal format, now on {self.world} ranks)" if tag != plain else ""
-            print(f"resumed from {plain}: step {s.step}, epoch {s.epoch} window {s.epoch_step}{how}", flush=True)
+
+def save(p: Parts, s: TrainState, saver: Checkpointer, watchdog) -> int:
+    faults.arm_checkpoint_kill(p.engine, s.step)
+    watchdog.pause()  # a long write is not a hang; the backend's own timeout covers its collectives
+    saver.save(p.engine, s.step, {"train_state": asdict(s)})
+    watchdog.beat()
+    return s.step
+
+
+def resume(p: Parts, saver: Checkpointer, start: Resume) -> TrainState:
+    """The state to continue from: ``start``'s checkpoint loaded into the engine, or a fresh state."""
+    if start.tag is None:
+        return TrainState()
+    s = TrainState(**saver.load(p.engine, start)["train_state"])
+    if distributed.rank() == 0:
+        how = f" (through DeepSpeed's universal format, now on {distributed.world()} ranks)" if start.universal else ""
+        print(f"resumed from {saver.prefix}{start.step:08d}: step {s.step}, epoch {s.epoch} window {s.epoch_step}"
+              f"{how}", flush=True)  # fmt: skip
+    return s
 
 
 def main(
@@ -227,32 +255,30 @@ def main(
     engine_cfg = check_inputs(config, ds_path, world)  # before the distributed set-up: it builds DeepSpeed's ops
     device = distributed.init(local_rank, config.run.dist_timeout_s)
     distributed.check_world(world)
-    out = config.run.output_dir
-    trainer = Trainer(config, engine_cfg, device)
-    tag = checkpoint.latest_tag(out, prefix="step")
-    done = checkpoint.checkpoint_step(out, tag) if tag else 0
-    if done >= trainer.max_steps:  # a finished run re-run writes nothing
-        if distributed.rank() == 0:
-            print(checkpoint.finished_message(out, tag, trainer.max_steps), flush=True)
+    out, rank0 = config.run.output_dir, distributed.rank() == 0
+    loader = PretrainLoader(loader_spec(config, engine_cfg, distributed.rank(), world), device)
+    saver = Checkpointer(out, "step", config.run.keep_last)
+    schedule = Schedule.of(config, engine_cfg, loader)
+    start = saver.plan(engine_cfg, world, schedule.max_steps)  # another world: through the universal format
+    if start.step >= schedule.max_steps:  # a finished run re-run writes nothing
+        if rank0:
+            print(finished_message(out, start.step, schedule.max_steps), flush=True)
         return
-    tag = checkpoint.resume_tag(out, tag, engine_cfg, world)  # another world: through the universal format
-    trainer.build()  # teacher weights, student, engine: their errors come before any file is written
-    check_and_record(config, engine_cfg, world, write=distributed.rank() == 0, target_dim=trainer.teacher.dim)
-    if distributed.rank() == 0:
-        print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", trainer), flush=True)
-    if tag:
-        trainer.resume(tag)
+    parts = build(config, start.engine_config(engine_cfg), device, loader, schedule)  # errors: nothing written yet
+    check_and_record(config, engine_cfg, world, write=rank0, target_dim=parts.teacher.dim)
+    if rank0:
+        print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", parts.schedule), flush=True)
+    state = resume(parts, saver, start)
     try:
-        last = trainer.fit()
+        last = fit(parts, state, saver)
     except RuntimeError as e:  # a peer died or hung: say where to resume from
         if not distributed.lost_peer(e):
             raise
-        sys.exit(checkpoint.lost_peer_message(out, distributed.rank(), e))
-    for sig in (signal.SIGTERM, signal.SIGINT):  # saved and done: a late stop signal must not turn exit 0 into -15
-        signal.signal(sig, signal.SIG_IGN)
-    if distributed.rank() == 0:
-        done = trainer.state.step >= trainer.max_steps  # False: stopped by a signal, a re-run continues
-        print(json.dumps({"done": done, "step": trainer.state.step, "loss": last.get("loss")}), flush=True)
+        sys.exit(lost_peer_message(out, distributed.rank(), e))
+    ignore_stop_signals()
+    if rank0:
+        done = state.step >= parts.schedule.max_steps  # False: stopped by a signal, a re-run continues
+        print(json.dumps({"done": done, "step": state.step, "loss": last.get("loss")}), flush=True)
     distributed.close()
 
 
@@ -267,16 +293,37 @@ def check_inputs(config: Config, ds_path: str, world: int) -> dict:
     return engine_cfg
 
 
-def start_line(config: Config, preset: str, engine_cfg: dict, device: torch.device, ds_config: str, trainer) -> str:
+def start_line(config: Config, preset: str, engine_cfg: dict, device: torch.device, ds_config: str,
+               schedule: Schedule) -> str:  # fmt: skip
     """One line at the start of a run: where it computes, with which engine settings and teacher precision."""
     zero = engine_cfg.get("zero_optimization", {}).get("stage", 0)
-    micro, accum, world = engine_cfg["train_micro_batch_size_per_gpu"], trainer.accum, trainer.world
+    micro, accum = engine_cfg["train_micro_batch_size_per_gpu"], engine_cfg["gradient_accumulation_steps"]
+    world = engine_cfg["train_batch_size"] // (micro * accum)
     return (
         f"pretraining {preset} on {world} x {device.type} ({distributed.backend()}); DeepSpeed config "
         f"{ds_config}: {str(engine_dtype(engine_cfg)).removeprefix('torch.')}, ZeRO {zero}, global batch "
         f"{engine_cfg['train_batch_size']} = {micro} x {accum} x {world}; teacher {config.teacher.name} in "
-        f"{teacher_precision(config.teacher, device.type)}; {trainer.max_steps} steps of {trainer.total_steps}"
+        f"{teacher_precision(config.teacher, device.type)}; {schedule.max_steps} steps of {schedule.total_steps}"
     )
+
+
+def lost_peer_message(output_dir: str | Path, rank: int, error: BaseException | None = None) -> str:
+    """What a rank says when another rank died or hung: where the run can resume from (and the error)."""
+    tag, _ = Checkpointer(output_dir, "step", 1).latest()
+    said = f" ({type(error).__name__}: {str(error).strip().splitlines()[0][:300]})" if error else ""
+    return (
+        f"rank {rank}: lost contact with another rank. The launcher's report names the rank that failed first. "
+        f"The last complete checkpoint is {tag or 'none'} in {checkpoint_dir(output_dir)}; re-run the same "
+        f"command to resume.{said}"
+    )
+
+
+def finished_message(output_dir: str | Path, step: int, max_steps: int) -> str:
+    """What a re-run of a finished run prints (and nothing else happens): where its last checkpoint is, then
+    the run's JSON summary line."""
+    where = checkpoint_dir(output_dir) / f"step{step:08d}"
+    summary = json.dumps({"done": True, "step": step, "loss": None})
+    return f"nothing to do: the run is done at step {step} of {max_steps}; its last checkpoint is {where}\n{summary}"
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import json
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data_prep.datasets import open_listing
 from data_prep.sources import select
-from dtm_ds import checkpoint, devices, distributed, faults
+from dtm_ds import devices, distributed, faults
+from dtm_ds.checkpoint import Checkpointer
 from dtm_ds.config import build_config, coerce
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD, seed_of
 from dtm_ds.devices import cap_workers, to_device
-from dtm_ds.engine import build_engine, engine_config, engine_dtype, lr_factor, no_decay_names, set_lr
+from dtm_ds.engine import (
+    Windows,
+    build_engine,
+    engine_config,
+    engine_dtype,
+    ignore_stop_signals,
+    lr_factor,
+    no_decay_names,
+    set_lr,
+    stop_on_signals,
+)
 from dtm_ds.logs import RunLog
 from dtm_ds.students import encoder_config
 from eval.classifier import ListingImages, build_classifier, hit_counts, load_pretrained
@@ -102,6 +112,17 @@ def open_sets(job: Job):
     return train_set, select(open_listing(job.data, eval_split, reader), per_class=job.eval_per_class)
 
 
+@dataclasses.dataclass
+class TuneState:
+    """Where a fine-tuning run stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    epoch_step: int = 0  # windows of ``epoch`` consumed (applied or dropped)
+    skipped: int = 0  # windows dropped for a non-finite loss, over the whole run
+    best_top1: float = 0.0
+    epoch_loss: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # the epoch's loss sum, windows
+
+
 class FineTuner:
     def __init__(self, job: Job, recipe: Recipe, ds_config: dict, device: torch.device, sets=None):
         self.job, self.recipe, self.device = job, recipe, device
@@ -118,7 +139,9 @@ class FineTuner:
             raise ValueError(
                 f"global batch {ds_config['train_batch_size']} exceeds the {len(self.train_set)} training images"
             )
-        self.engine = self._engine(model, ds_config)
+        self.saver = Checkpointer(self.output_dir, "epoch", job.keep_last)
+        self.start = self.saver.plan(ds_config, distributed.world())  # another world: through the universal format
+        self.engine = self._engine(model, self.start.engine_config(ds_config))
         mixing = recipe.mixup > 0 or recipe.cutmix > 0
         self.mixup = (
             Mixup(
@@ -131,8 +154,7 @@ class FineTuner:
             else None
         )
         self.criterion = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(recipe.smoothing)
-        self.state = {"epoch": 0, "epoch_step": 0, "skipped": 0, "best_top1": 0.0, "epoch_loss": [0.0, 0.0]}
-        self.stop_requested = False
+        self.state, self.windows = TuneState(), Windows(self.engine, self.optimizer, self.accum)
 
     def _engine(self, model, ds_config: dict):
         r = self.recipe
@@ -176,40 +198,34 @@ class FineTuner:
 
     def train_epoch(self, log: RunLog) -> bool:
         """The rest of the current epoch, window by window; False when a stop signal ended it early (all
-        ranks agree on the window through the per-micro-step all-reduce; the run saves there)."""
+        ranks agree on the window through the window protocol; the run saves there)."""
         s, rank = self.state, distributed.rank()
         self.engine.train()
-        batches = iter(self.loader(True, s["epoch"], s["epoch_step"] * self.accum))
-        while s["epoch_step"] < self.steps_per_epoch:
-            lrs = set_lr(self.optimizer, self.lr(self.engine.global_steps - s["skipped"]))
-            loss_sum, dropped, stop = 0.0, False, False
-            for m in range(self.accum):
-                images, labels = next(batches)
-                for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path
-                    seeder(seed_of(self.seed, s["epoch"], s["epoch_step"], rank * self.accum + m, bits=32))
-                images, labels = to_device(images, self.device), to_device(labels, self.device)
-                if self.mixup:
-                    images, labels = self.mixup(images, labels)
-                loss = self.criterion(self.engine(images.to(self.dtype)).float(), labels)
-                if faults.nan_loss(self.micro_steps):
-                    loss = loss * float("nan")
-                nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
-                dropped, stop = dropped or nonfinite, stop or stop_now
-                self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
-                self.optimizer.skip_next = dropped and m == self.accum - 1
-                self.engine.step()
-                self.optimizer.skip_next, self.micro_steps = False, self.micro_steps + 1
-                loss_sum = loss_sum + loss.detach()
-            s["epoch_step"] += 1
-            s["skipped"] += int(dropped)
-            if not dropped:  # on the device: no host sync
-                self.epoch_loss += torch.stack([loss_sum.double() / self.accum, torch.ones_like(self.epoch_loss[0])])
-            step = self.engine.global_steps - s["skipped"]
-            if not dropped and step % self.job.log_every == 0:
-                loss = distributed.mean_tensor(loss_sum / self.accum).item()
-                log.step(step, {"loss": loss, "lr": max(lrs), "lr_groups": lrs, "epoch": s["epoch"]},
+        batches = iter(self.loader(True, s.epoch, s.epoch_step * self.accum))
+
+        def loss_of(m: int) -> tuple[torch.Tensor, torch.Tensor]:
+            images, labels = next(batches)
+            for seeder in (random.seed, np.random.seed, torch.manual_seed):  # mixup and drop path
+                seeder(seed_of(self.seed, s.epoch, s.epoch_step, rank * self.accum + m, bits=32))
+            images, labels = to_device(images, self.device), to_device(labels, self.device)
+            if self.mixup:
+                images, labels = self.mixup(images, labels)
+            loss = self.criterion(self.engine(images.to(self.dtype)).float(), labels)
+            return loss, loss
+
+        while s.epoch_step < self.steps_per_epoch:
+            lrs = set_lr(self.optimizer, self.lr(self.applied_steps()))
+            window = self.windows.run(loss_of)
+            s.epoch_step, s.skipped = s.epoch_step + 1, s.skipped + int(window.dropped)
+            if not window.dropped:  # on the device: no host sync
+                mean = window.value_sum.double() / self.accum
+                self.epoch_loss += torch.stack([mean, torch.ones_like(self.epoch_loss[0])])
+            step = self.applied_steps()
+            if not window.dropped and step % self.job.log_every == 0:
+                loss = distributed.mean_tensor(window.value).item()
+                log.step(step, {"loss": loss, "lr": max(lrs), "lr_groups": lrs, "epoch": s.epoch},
                          self.engine.train_batch_size(), world=distributed.world())  # fmt: skip
-            if stop:
+            if window.stop:
                 return False
         return True
 
@@ -224,54 +240,50 @@ class FineTuner:
         return {"top1": 100 * top1 / images, "top5": 100 * top5 / images, "eval_images": int(images)}
 
     def fit(self) -> dict[str, float]:
-        tag = checkpoint.latest_tag(self.output_dir, prefix="epoch")
-        if tag is not None:
-            client = checkpoint.load(self.engine, self.output_dir, tag)
-            self.state = {k: client.get(k, v) for k, v in self.state.items()}  # older runs: epoch, best_top1
-        self.epoch_loss = torch.tensor(self.state["epoch_loss"], dtype=torch.float64, device=self.device)
-        self.micro_steps, self.stop_requested = 0, False
+        if self.start.tag is not None:
+            self.state = TuneState(**self.saver.load(self.engine, self.start)["tune_state"])
+        s = self.state
+        self.epoch_loss = torch.tensor(s.epoch_loss, dtype=torch.float64, device=self.device)
         last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
-        total = last * self.steps_per_epoch
-        log = RunLog(self.output_dir, distributed.rank() == 0, total, self.applied_steps(), "finetune")
+        log = RunLog(self.output_dir, distributed.rank() == 0, last * self.steps_per_epoch, self.applied_steps(),
+                     "finetune")  # fmt: skip
         result = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):  # preemption: agree on a window, save there and exit
-            signal.signal(sig, lambda *_: setattr(self, "stop_requested", True))
-        while self.state["epoch"] < last:
-            epoch = self.state["epoch"]
+        stop_on_signals(self.windows)  # preemption: agree on a window, save there and exit
+        while s.epoch < last:
+            epoch = s.epoch
             if not self.train_epoch(log):
-                self.save(f"epoch{epoch:08d}-step{self.state['epoch_step']:08d}")
+                self.save(f"epoch{epoch:08d}-step{s.epoch_step:08d}")
                 if distributed.rank() == 0:
-                    print(f"stopped by a signal in epoch {epoch} after window {self.state['epoch_step']} "
+                    print(f"stopped by a signal in epoch {epoch} after window {s.epoch_step} "
                           "(all ranks); a re-run resumes there", flush=True)  # fmt: skip
                 break
             train = distributed.mean_tensor(self.epoch_loss)
             step = self.applied_steps()
             result = self.evaluate() | {"epoch": epoch, "step": step, "train_loss": (train[0] / train[1]).item()}
-            best = result["top1"] > self.state["best_top1"]
-            self.state["best_top1"] = max(result["top1"], self.state["best_top1"])
+            best = result["top1"] > s.best_top1
+            s.best_top1 = max(result["top1"], s.best_top1)
             if distributed.rank() == 0:  # before the checkpoint: a kill in between repeats this row, never loses it
                 with open(Path(self.output_dir) / "eval.jsonl", "a") as f:
-                    f.write(json.dumps(result | {"best_top1": self.state["best_top1"]}) + "\n")
+                    f.write(json.dumps(result | {"best_top1": s.best_top1}) + "\n")
                 for key in ("top1", "top5"):
                     log.writer.add_scalar(f"eval/{key}", result[key], epoch)
-            self.state |= {"epoch": epoch + 1, "epoch_step": 0}
+            s.epoch, s.epoch_step = epoch + 1, 0
             self.epoch_loss.zero_()
             if best:
                 self.save("best", keep_last=1)
             self.save(f"epoch{epoch + 1:08d}")
         log.close()
-        return result | {"best_top1": self.state["best_top1"], "done": self.state["epoch"] >= last}
+        return result | {"best_top1": s.best_top1, "done": s.epoch >= last}
 
     def applied_steps(self) -> int:
-        return self.engine.global_steps - self.state["skipped"]
+        return self.engine.global_steps - self.state.skipped
 
     def save(self, tag: str, keep_last: int | None = None) -> None:
         faults.arm_checkpoint_kill(self.engine, tag)
         # the epoch's loss sums, averaged over the ranks (a collective: every rank saves): the checkpoint holds
         # rank 0's client state only, and every rank resumes from that mean, which keeps the epoch's mean exact
-        state = dict(self.state) | {"epoch_loss": distributed.mean_tensor(self.epoch_loss).tolist()}
-        keep = keep_last or self.job.keep_last
-        checkpoint.save(self.engine, self.output_dir, self.applied_steps(), state, keep, prefix="epoch", tag=tag)
+        state = dataclasses.replace(self.state, epoch_loss=distributed.mean_tensor(self.epoch_loss).tolist())
+        self.saver.save(self.engine, self.applied_steps(), {"tune_state": dataclasses.asdict(state)}, tag, keep_last)
 
 
 class SeededImages(Dataset):
@@ -356,8 +368,7 @@ def main(
         if tuner.report is not None:
             print(f"loaded {encoder}: new (randomly initialised) keys {tuner.report['missing']}", flush=True)
     result = tuner.fit()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # saved and done: a late stop signal must not turn exit 0 into -15
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()
     if distributed.rank() == 0:
         print(json.dumps({"encoder": encoder, "random_init": job.random_init, **result}), flush=True)
     distributed.close()

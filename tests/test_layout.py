@@ -86,3 +86,11 @@ def test_no_sys_path_edits_but_the_pretraining_entrypoint():
     """Only ``deepspeed dtm_ds/train.py`` needs one: its own folder must not shadow top-level modules."""
     editing = sorted(str(path.relative_to(ROOT)) for path in _modules().values() if "sys.path" in path.read_text())
     assert editing == ["dtm_ds/train.py"]
+
+
+def test_every_mutant_applies_to_the_source():
+    """Each mutant's line occurs exactly once in its file: a refactor that moves the line must move the mutant."""
+    from tests.mutants import MUTANTS
+
+    stale = [(m.area, m.path) for m in MUTANTS if (ROOT / m.path).read_text().count(m.old) != 1]
+    assert stale == []
