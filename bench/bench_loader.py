@@ -21,8 +21,7 @@ from PIL import Image
 
 from data_prep.synthetic import texture
 from data_prep.write_ffcv import convert
-from dtm_ds.data import LoaderSpec, epoch_order
-from dtm_ds.loader import PretrainLoader
+from dtm_ds.data import LoaderSpec, PretrainLoader, epoch_order
 
 
 def make_jpegs(root: Path, count: int, classes: int = 10) -> None:

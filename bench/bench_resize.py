@@ -1,7 +1,7 @@
 """How far FFCV's crop resize (OpenCV INTER_AREA, in its decoder) is from the reference's bicubic resize.
 
 The reference resizes RandomResizedCrop boxes with PIL bicubic (``--train_interpolation bicubic``); FFCV's
-``resize_crop`` uses OpenCV's area interpolation. Both run here on the same boxes (dtm_ds.crops, scale
+``resize_crop`` uses OpenCV's area interpolation. Both run here on the same boxes (dtm_ds.data.crops, scale
 [0.2, 1]) of 1/f-noise images (the power spectrum of natural photographs), 500 x 375 to 224 x 224:
 mean absolute difference in 8-bit levels, PSNR, and the same for two bicubic implementations (PIL vs
 torchvision antialiased) as the scale of what counts as small.
@@ -18,7 +18,7 @@ import torchvision.transforms.v2.functional as TF
 from ffcv.libffcv import resize_crop
 from PIL import Image
 
-from dtm_ds.crops import crop_box, sample_key
+from dtm_ds.data.crops import crop_box, sample_key
 
 
 def pink_noise(h: int, w: int, seed: int) -> np.ndarray:

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from dtm_ds import distributed
 from dtm_ds.config import build_config
 from dtm_ds.data import augment_on_device, normalize
+from dtm_ds.data.masking import BlockMasking
 from dtm_ds.engine import build_engine, param_groups, set_lr
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.logs import PEAK_BF16
-from dtm_ds.masking import BlockMasking
 from dtm_ds.morph import morphed_loss, sample_schedule
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import PixelTeacher, TokenTeacher

@@ -298,9 +298,9 @@ def window(folder: str, preset: str, clip: str, size: int, micro: int, windows: 
     windows after 3 warm-ups, then 3 windows with the phase clock on (their DTM share)."""
     from dtm_ds import distributed
     from dtm_ds.config import build_config
+    from dtm_ds.data import PretrainLoader, loader_spec
     from dtm_ds.devices import default_ds_config
     from dtm_ds.engine import engine_config
-    from dtm_ds.loader import PretrainLoader, loader_spec
     from dtm_ds.logs import Clock, device_peak_flops, memory_gib
     from dtm_ds.teacher import precision
     from dtm_ds.train import Schedule, TrainState, build, train_window

@@ -149,6 +149,12 @@ class DataConfig:
     min_mask_block: int = 16
     """Smallest block of BEiT's block-wise masking, in patches."""
 
+    def __post_init__(self):
+        if self.backend not in ("ffcv", "torchvision"):
+            raise ValueError(f"data backend must be 'ffcv' or 'torchvision', got {self.backend!r}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+
 
 @dataclass
 class OptimConfig:

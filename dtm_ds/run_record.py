@@ -4,7 +4,7 @@ A re-run in the same folder continues the same run, so both are checked before a
 any field that would change the result must be equal. ``MAY_CHANGE`` lists what may differ between
 runs (length, logging and checkpoint cadence, timeouts, workers, where the data and weights live).
 The number of ranks and the accumulation may change when the global batch and the micro batch stay
-the same (elastic resume: the same micro-batches in the same order, see dtm_ds/data.py).
+the same (elastic resume: the same micro-batches in the same order, see dtm_ds/data/__init__.py).
 """
 
 import json

@@ -27,7 +27,7 @@ import torch
 from dtm_ds import devices, distributed, faults
 from dtm_ds.checkpoint import Checkpointer, Resume, checkpoint_dir
 from dtm_ds.config import Config, build_config
-from dtm_ds.data import seed_of
+from dtm_ds.data import PretrainLoader, check_source, loader_spec
 from dtm_ds.engine import (
     Window,
     Windows,
@@ -41,10 +41,10 @@ from dtm_ds.engine import (
     stop_on_signals,
 )
 from dtm_ds.graphed import GraphedMorph
-from dtm_ds.loader import PretrainLoader, check_source, loader_spec
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
 from dtm_ds.morph import morphed_loss, sample_schedule
 from dtm_ds.run_record import check_and_record, resolved_settings
+from dtm_ds.seeds import seed_of
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
 from dtm_ds.teacher import check_files as check_teacher_files

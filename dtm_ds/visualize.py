@@ -70,7 +70,7 @@ def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int 
     from PIL import Image
 
     from dtm_ds.config import load_config
-    from dtm_ds.loader import PretrainLoader
+    from dtm_ds.data import PretrainLoader
     from dtm_ds.morph import sample_schedule
     from dtm_ds.teacher import build_teacher
 
@@ -90,7 +90,7 @@ def picture_spec(config, images: int, seed: int):
     jitter (the picture shows the crops and groups, not the jitter)."""
     import dataclasses
 
-    from dtm_ds.loader import loader_spec
+    from dtm_ds.data import loader_spec
 
     spec = loader_spec(config, {"train_micro_batch_size_per_gpu": images, "gradient_accumulation_steps": 1})
     return dataclasses.replace(spec, jitter=0.0, seed=seed, workers=0 if spec.backend == "torchvision" else 1)

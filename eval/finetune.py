@@ -29,7 +29,7 @@ from data_prep.sources import select
 from dtm_ds import devices, distributed, faults
 from dtm_ds.checkpoint import Checkpointer
 from dtm_ds.config import build_config, coerce
-from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD, seed_of
+from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.devices import cap_workers, to_device
 from dtm_ds.engine import (
     Windows,
@@ -43,6 +43,7 @@ from dtm_ds.engine import (
     stop_on_signals,
 )
 from dtm_ds.logs import RunLog
+from dtm_ds.seeds import seed_of
 from dtm_ds.students import encoder_config
 from eval.classifier import ListingImages, build_classifier, hit_counts, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for

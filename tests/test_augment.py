@@ -11,8 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from data_prep.write_ffcv import convert
-from dtm_ds.data import LoaderSpec, augment_on_device, epoch_order
-from dtm_ds.loader import PretrainLoader
+from dtm_ds.data import LoaderSpec, PretrainLoader, augment_on_device, epoch_order
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # ImageNet's, written out
 H, W, S = 300, 400, 32  # source images, loader output

@@ -9,8 +9,7 @@ from PIL import Image
 
 from data_prep.sources import detect, fashion_mnist, load_rgb, select
 from data_prep.write_ffcv import convert
-from dtm_ds.data import LoaderSpec, epoch_order
-from dtm_ds.loader import PretrainLoader
+from dtm_ds.data import LoaderSpec, PretrainLoader, epoch_order
 from tests.conftest import texture, write_class_folder
 
 

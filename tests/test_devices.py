@@ -83,7 +83,7 @@ def test_the_vitb_loader_on_a_small_machine_is_capped_not_a_numba_error(small_be
     """The vitb preset's 8 FFCV threads on a machine with fewer cores: capped (numba refuses more threads
     than cores: "The number of threads must be between 1 and N")."""
     from dtm_ds.config import build_config
-    from dtm_ds.loader import PretrainLoader, loader_spec
+    from dtm_ds.data import PretrainLoader, loader_spec
 
     config = build_config("vitb", {"data.path": str(small_beton), "model.img_size": 32, "dtm.n_max": [4, 4],
                                    "data.num_masked": 1, "data.min_mask_block": 1})  # fmt: skip
@@ -110,7 +110,7 @@ def test_the_torchvision_backend_needs_no_ffcv(tmp_path):
 import sys
 sys.modules["ffcv"] = None  # any import of ffcv raises ImportError
 from dtm_ds.config import build_config
-from dtm_ds.loader import PretrainLoader, loader_spec
+from dtm_ds.data import PretrainLoader, loader_spec
 config = build_config("tiny", {{"data.path": "{tmp_path / "imgs"}", "data.workers": 0}})
 loader = PretrainLoader(loader_spec(config, {{"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}}))
 print(tuple(next(iter(loader.epoch(0)))["images"].shape))

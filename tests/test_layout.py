@@ -40,7 +40,17 @@ def _scan() -> dict:
     roots = {a.name.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(morph) if isinstance(n, ast.ImportFrom)}
     graph = {name: sorted(_imports(path, modules) - {name}) for name, path in modules.items()}
-    return {"graph": graph, "morph_roots": sorted(roots)}
+    deepspeed = sorted(name for name, path in modules.items() if _imports_deepspeed(path))
+    return {"graph": graph, "morph_roots": sorted(roots), "deepspeed": deepspeed}
+
+
+def _imports_deepspeed(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "deepspeed" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "deepspeed":
+            return True
+    return False
 
 
 @functools.cache
@@ -94,3 +104,17 @@ def test_every_mutant_applies_to_the_source():
 
     stale = [(m.area, m.path) for m in MUTANTS if (ROOT / m.path).read_text().count(m.old) != 1]
     assert stale == []
+
+
+def test_deepspeed_is_imported_by_the_engine_and_its_three_neighbours_only():
+    """The engine (dtm_ds/engine.py) wraps DeepSpeed; besides it only the process-group set-up
+    (distributed), the checkpoint format (checkpoint: its pickled classes, the universal conversion) and
+    the ZeRO-3 consolidation of a saved student (students) touch DeepSpeed's API."""
+    assert scan()["deepspeed"] == ["dtm_ds.checkpoint", "dtm_ds.distributed", "dtm_ds.engine", "dtm_ds.students"]
+
+
+def test_the_data_package_imports_no_training_code():
+    allowed = ("dtm_ds.data", "dtm_ds.config", "dtm_ds.devices", "dtm_ds.seeds", "data_prep")
+    for name, imported in scan()["graph"].items():
+        if name == "dtm_ds.data" or name.startswith("dtm_ds.data."):
+            assert [m for m in imported if not m.startswith(allowed)] == [], name

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dtm_ds.masking import BlockMasking
+from dtm_ds.data.masking import BlockMasking
 
 
 def _mean_component_size(masks: np.ndarray, grid) -> float:

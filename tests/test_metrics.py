@@ -36,7 +36,7 @@ def _expected_lr(step: int, peak: float, total: int, warmup: int, min_lr: float)
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """2 ranks x micro 2 x accumulation 2, and 1 rank x micro 8, with one DTM schedule per optimizer step
-    (dtm.shared_schedule): both see the same 8 samples per step with the same draws (dtm_ds/data.py)."""
+    (dtm.shared_schedule): both see the same 8 samples per step with the same draws (dtm_ds/data/__init__.py)."""
     tmp = tmp_path_factory.mktemp("metrics")
     write_class_folder(tmp / "imgs", {"a": 20, "b": 20}, size=(40, 40))
     flags = ("--dtm.shared_schedule=true", "--optim.warmup_epochs=0.4", "--optim.epochs=2", "--optim.min_lr=1e-6")

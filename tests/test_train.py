@@ -261,7 +261,7 @@ def test_sigkill_then_resume_gives_the_same_losses(folder, tmp_path):
 
 @pytest.mark.ranks(2)
 def test_two_ranks_match_one_rank_with_accumulation(folder, tmp_path):
-    """2 ranks x micro 4 and 1 rank x micro 4 x accumulation 2 run the same micro-batches (dtm_ds/data.py):
+    """2 ranks x micro 4 and 1 rank x micro 4 x accumulation 2 run the same micro-batches (dtm_ds/data/__init__.py):
     equal per-step losses over 6 optimizer steps (rtol 1e-6: the gradient sums are added in another order)."""
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_train_cmd(folder, one, _ds_json(tmp_path / "acc.json", 4, accum=2), 6), check=True, cwd=ROOT,

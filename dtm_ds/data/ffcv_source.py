@@ -10,12 +10,12 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
-from dtm_ds.crops import crop_box, sample_key
-from dtm_ds.data import LoaderSpec, check_beton
+from dtm_ds.data.crops import crop_box, sample_key
+from dtm_ds.data.spec import LoaderSpec, check_beton
 
 
 class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
-    """FFCV's RandomResizedCrop decoder with the box drawn from the sample's key (dtm_ds.crops) instead of
+    """FFCV's RandomResizedCrop decoder with the box drawn from the sample's key (dtm_ds.data.crops) instead of
     numba's per-thread random state, so crops are reproducible and independent of thread scheduling."""
 
     def __init__(self, output_size, scale, ratio=(3 / 4, 4 / 3), seed: int = 0):

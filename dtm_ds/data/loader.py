@@ -1,5 +1,5 @@
 """The pretraining loader: batches of augmented images and masks from an FFCV .beton or a data_prep
-source, in the run's global order (dtm_ds/data.py), on the training device."""
+source, in the run's global order (dtm_ds/data/order.py), on the training device."""
 
 import dataclasses
 import itertools
@@ -9,9 +9,13 @@ import numpy as np
 import torch
 
 from dtm_ds.config import Config
-from dtm_ds.data import LoaderSpec, augment_on_device, check_beton, epoch_order, normalize
+from dtm_ds.data.augment import augment_on_device, normalize
+from dtm_ds.data.masking import BlockMasking
+from dtm_ds.data.order import epoch_order
+from dtm_ds.data.spec import LoaderSpec, check_beton
 from dtm_ds.devices import cap_workers, to_device
-from dtm_ds.masking import BlockMasking
+
+__all__ = ["LoaderSpec", "PretrainLoader", "check_beton", "check_source", "loader_spec"]
 
 
 class PretrainLoader:
@@ -68,10 +72,10 @@ def check_source(spec: LoaderSpec) -> None:
 def _source(spec: LoaderSpec, device: torch.device):
     """The backend's source, imported only when used: a machine without FFCV can train from a folder."""
     if spec.backend == "ffcv":
-        from dtm_ds.data_ffcv import FFCVSource
+        from dtm_ds.data.ffcv_source import FFCVSource
 
         return FFCVSource(spec, device)
-    from dtm_ds.data_torchvision import FolderSource
+    from dtm_ds.data.folder_source import FolderSource
 
     return FolderSource(spec, device)
 

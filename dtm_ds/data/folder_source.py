@@ -1,6 +1,6 @@
 """torchvision source for the pretraining loader: any data_prep source through a DataLoader.
 
-For machines without FFCV and as the benchmark's baseline; same crops rule (dtm_ds.crops), bicubic."""
+For machines without FFCV and as the benchmark's baseline; same crops rule (dtm_ds.data.crops), bicubic."""
 
 import numpy as np
 import torch
@@ -8,8 +8,8 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.sources import detect
-from dtm_ds.crops import crop_box, sample_key
-from dtm_ds.data import LoaderSpec
+from dtm_ds.data.crops import crop_box, sample_key
+from dtm_ds.data.spec import LoaderSpec
 
 
 class _CropDataset(Dataset):
