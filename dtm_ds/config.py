@@ -43,6 +43,9 @@ class ModelConfig:
     init: str = "reference"
     """'reference': truncated normal std 0.02 cut at +-std on linear and patch-embedding weights, the CLS
     and mask tokens (models/modeling_dtm.py); 'timm': timm's BEiT init (cut at +-2)."""
+    target_dim: int | None = None
+    """Width of the teacher's targets, which the student's head predicts. None: the teacher's, filled in when
+    the run starts and recorded in config.json (loading and exporting the run read it there)."""
 
     def __post_init__(self):
         if self.rel_pos_bias not in ("both", "shared", "block"):
@@ -344,10 +347,6 @@ def from_dict(tree: dict[str, Any]) -> Config:
     return Config(**parts)
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2))
-
-
 WRITTEN_BEFORE = {
     "model": {"rel_pos_bias": "shared", "init": "timm"},
     "teacher": {"input_norm": "own", "weights_dtype": "compute"},
@@ -357,7 +356,6 @@ WRITTEN_BEFORE = {
 
 def load_config(path: str | Path) -> Config:
     tree = json.loads(Path(path).read_text())
-    tree.pop("target_dim", None)  # the run's record of its teacher's width (dtm_ds/students.py)
     for section, old in WRITTEN_BEFORE.items():
         tree[section] = old | tree.get(section, {})
     return from_dict(tree)

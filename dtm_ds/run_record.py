@@ -48,15 +48,16 @@ def engine_layout(ds_config: dict, world: int) -> dict:
     }
 
 
+RESOLVED_AT_START = frozenset({"model.target_dim"})
+"""Fields whose None means "from the run's parts" (the teacher's width), set before the records are written."""
+
 ENGINE_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_stage", "dtype", "gradient_clipping")
 
 
-def check_and_record(
-    config: Config, ds_config: dict, world: int, write: bool = True, target_dim: int | None = None
-) -> dict | None:
+def check_and_record(config: Config, ds_config: dict, world: int, write: bool = True) -> dict | None:
     """Raise ``ValueError`` naming every field that differs from the folder's records; then, when ``write``
-    (rank 0 of a run with work to do), write them, with the width of the teacher's targets (``target_dim``,
-    which dtm_ds/students.py reads back). Returns the previous engine layout (None: a new folder)."""
+    (rank 0 of a run with work to do), write them. Returns the previous engine layout (None: a new folder).
+    A field the run resolves when it starts (``RESOLVED_AT_START``) is compared only once it is set."""
     folder = Path(config.run.output_dir)
     layout = engine_layout(ds_config, world)
     previous = _read(folder / "engine.json")
@@ -75,7 +76,7 @@ def check_and_record(
         )
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / "config.json", config.to_dict() | ({"target_dim": target_dim} if target_dim else {}))
+        _write(folder / "config.json", config.to_dict())
         _write(folder / "engine.json", layout)
     return previous
 
@@ -89,7 +90,8 @@ def _config_differences(old: dict | None, new: dict) -> list[str]:
             key = f"{section}.{name}"
             # a field this run's version did not record: what leaving it out meant then (else unchanged)
             before = old.get(section, {}).get(name, WRITTEN_BEFORE.get(section, {}).get(name, value))
-            if key not in MAY_CHANGE and _plain(before) != _plain(value):
+            unresolved = value is None and key in RESOLVED_AT_START
+            if key not in MAY_CHANGE and not unresolved and _plain(before) != _plain(value):
                 out.append(f"{key}: {before!r} -> {value!r}")
     return out
 

@@ -2,9 +2,8 @@
 (a safetensors state dict that timm's ``Beit`` loads, plus ``<file>.json`` with the model config).
 
 ``encoder_config`` reads the architecture, ``load_student`` the weights, ``export`` writes an export.
-A run's ``config.json`` records the width of the teacher's targets (``target_dim``), so the student's
-head is rebuilt from the record, not guessed from weight shapes (runs written before the record: the
-head's weight shape).
+A run's ``config.json`` records the width of the teacher's targets (``model.target_dim``), so the
+student's head is rebuilt from the record, not guessed from weight shapes.
 """
 
 import json
@@ -35,12 +34,12 @@ def encoder_config(path: str | Path) -> ModelConfig:
     return model_config(json.loads(Path(f"{path}.json").read_text())["model"])
 
 
-def target_dim(run_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> int:
-    """The width of the teacher's targets a run's student predicts (its config.json record)."""
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    if "target_dim" in record:
-        return int(record["target_dim"])
-    return (state or student_state(run_dir))["lm_head.weight"].shape[0]  # written before the record
+def target_dim(run_dir: str | Path) -> int:
+    """The width of the teacher's targets a run's student predicts (``model.target_dim`` of its config.json)."""
+    dim = load_config(Path(run_dir) / "config.json").model.target_dim
+    if dim is None:
+        raise ValueError(f"{Path(run_dir) / 'config.json'} records no model.target_dim: it is not a started run")
+    return dim
 
 
 def student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
@@ -67,7 +66,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
 
     config = load_config(Path(run_dir) / "config.json")
     state = student_state(run_dir, tag)
-    student = DTMStudent(config.model, target_dim(run_dir, state))
+    student = DTMStudent(config.model, target_dim(run_dir))
     student.load_state_dict(state)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in student.encoder_state_dict().items()}, out)
@@ -93,7 +92,7 @@ def load_student(path: str | Path):
     path = Path(path)
     if is_run(path):
         state = student_state(path)
-        student = DTMStudent(encoder_config(path), target_dim(path, state))
+        student = DTMStudent(encoder_config(path), target_dim(path))
         student.load_state_dict(state)
         return student
     student = DTMStudent(encoder_config(path), 1)

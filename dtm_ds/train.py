@@ -14,6 +14,7 @@ window with a non-finite loss is dropped whole (no update, the lr schedule does 
 ends the run after the current window with one checkpoint, on every rank at the same step.
 """
 
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -108,6 +109,9 @@ def build(config: Config, ds_config: dict, device: torch.device, loader: Pretrai
     any file is written."""
     o, run = config.optim, config.run
     teacher = build_teacher(config.teacher, config.model, device)
+    if config.model.target_dim not in (None, teacher.dim):
+        raise ValueError(f"model.target_dim={config.model.target_dim} but the teacher's targets are {teacher.dim} wide")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, target_dim=teacher.dim))
     torch.manual_seed(run.seed)  # the same initial student whatever the world size
     student = DTMStudent(config.model, teacher.dim)
     engine, optimizer = build_engine(student, param_groups(student, o.weight_decay, o.decay_tables), ds_config,
@@ -265,7 +269,7 @@ def main(
             print(finished_message(out, start.step, schedule.max_steps), flush=True)
         return
     parts = build(config, start.engine_config(engine_cfg), device, loader, schedule)  # errors: nothing written yet
-    check_and_record(config, engine_cfg, world, write=rank0, target_dim=parts.teacher.dim)
+    check_and_record(parts.config, engine_cfg, world, write=rank0)  # with the teacher's width
     if rank0:
         print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", parts.schedule), flush=True)
     state = resume(parts, saver, start)

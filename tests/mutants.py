@@ -95,6 +95,9 @@ MUTANTS = [
     Mutant("resume: state not restored", "dtm_ds/train.py",
            's = TrainState(**saver.load(p.engine, start)["train_state"])',
            's = TrainState() if saver.load(p.engine, start) else None', f"{TRAIN} -k sigkill"),
+    Mutant("record: the teacher width not recorded", "dtm_ds/train.py",
+           "model=dataclasses.replace(config.model, target_dim=teacher.dim)",
+           "model=dataclasses.replace(config.model, target_dim=None)", f"{TRAIN} -k teacher_width"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

@@ -118,6 +118,22 @@ def test_openai_torchscript_clip_teacher(tmp_path):
     torch.testing.assert_close(archive(images), plain(images), rtol=1e-5, atol=1e-5)
 
 
+def test_the_teacher_width_is_a_recorded_config_field(pretrained):
+    """A started run records its teacher's width as model.target_dim (the pixels teacher of the tiny preset:
+    3 x patch^2 values per patch); loading the run builds the head from it; a set width that the teacher does
+    not produce is an error before the engine exists."""
+    from dtm_ds.students import load_student
+    from dtm_ds.train import build
+
+    tiny = build_config("tiny")
+    recorded = json.loads((pretrained / "config.json").read_text())["model"]["target_dim"]
+    assert recorded == 3 * tiny.model.patch_size**2 and tiny.model.target_dim is None
+    assert load_student(pretrained).lm_head.out_features == recorded
+    wrong = build_config("tiny", {"model.target_dim": recorded + 1})
+    with pytest.raises(ValueError, match=f"model.target_dim={recorded + 1} but the teacher's targets are {recorded}"):
+        build(wrong, {}, torch.device("cpu"), None, None)
+
+
 def test_teacher_and_config_errors(tiny_clip, tmp_path):
     cpu = torch.device("cpu")
     tiny = build_config("tiny")
