@@ -2,7 +2,7 @@
 
 import fire
 
-from dtm_ds.students import export
+from dtm_ds.pretrained import export
 from dtm_ds.visualize import visualize
 
 if __name__ == "__main__":

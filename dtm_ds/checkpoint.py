@@ -1,6 +1,6 @@
 """DeepSpeed checkpoints of a run: staged saves published whole, rotation, the latest complete one, elastic
-conversion. ``Checkpointer`` is what the entrypoints use; students on disk (load, export) are
-dtm_ds/students.py."""
+conversion. ``Checkpointer`` is what the entrypoints use; pretrained students on disk (load, export) are
+dtm_ds/pretrained.py."""
 
 import contextlib
 import gc

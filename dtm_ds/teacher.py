@@ -215,7 +215,7 @@ def _timm(name: str, weights: Path, model: ModelConfig, input_norm: str) -> Teac
 
 
 def _checkpoint(path: str, model: ModelConfig) -> Teacher:
-    from dtm_ds.students import load_student
+    from dtm_ds.pretrained import load_student
 
     student = load_student(path)
     return TokenTeacher(student, student.embed_dim)

@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from data_prep.sources import Listing
 from dtm_ds.config import ModelConfig
-from dtm_ds.students import load_student
+from dtm_ds.pretrained import load_student
 
 
 def build_classifier(model: ModelConfig, num_classes: int, drop_path: float, img_size: int) -> Beit:

@@ -10,7 +10,7 @@ from data_prep.datasets import open_listing
 from data_prep.sources import Listing, select
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.devices import accelerator, cap_workers, to_device
-from dtm_ds.students import encoder_config, load_student
+from dtm_ds.pretrained import encoder_config, load_student
 from eval.classifier import ListingImages
 
 

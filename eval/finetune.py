@@ -43,8 +43,8 @@ from dtm_ds.engine import (
     stop_on_signals,
 )
 from dtm_ds.logs import RunLog
+from dtm_ds.pretrained import encoder_config
 from dtm_ds.seeds import seed_of
-from dtm_ds.students import encoder_config
 from eval.classifier import ListingImages, build_classifier, hit_counts, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for
 

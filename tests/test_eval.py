@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtm_ds.students import encoder_config, load_student
+from dtm_ds.pretrained import encoder_config, load_student
 from eval.classifier import build_classifier, load_pretrained
 from tests.test_train import ROOT, _ds_json, _env
 

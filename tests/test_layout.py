@@ -109,8 +109,8 @@ def test_every_mutant_applies_to_the_source():
 def test_deepspeed_is_imported_by_the_engine_and_its_three_neighbours_only():
     """The engine (dtm_ds/engine.py) wraps DeepSpeed; besides it only the process-group set-up
     (distributed), the checkpoint format (checkpoint: its pickled classes, the universal conversion) and
-    the ZeRO-3 consolidation of a saved student (students) touch DeepSpeed's API."""
-    assert scan()["deepspeed"] == ["dtm_ds.checkpoint", "dtm_ds.distributed", "dtm_ds.engine", "dtm_ds.students"]
+    the ZeRO-3 consolidation of a saved student (pretrained) touch DeepSpeed's API."""
+    assert scan()["deepspeed"] == ["dtm_ds.checkpoint", "dtm_ds.distributed", "dtm_ds.engine", "dtm_ds.pretrained"]
 
 
 def test_the_data_package_imports_no_training_code():

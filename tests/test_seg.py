@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import eval.seg  # noqa: F401  (shim first)
-from dtm_ds.students import export, load_student
+from dtm_ds.pretrained import export, load_student
 from eval.seg import mmcv_compat
 from eval.seg.backbone import DTMBEiT, default_out_indices
 from eval.seg.data import CheckSegLabels, check_ade20k

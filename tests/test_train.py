@@ -122,7 +122,7 @@ def test_the_teacher_width_is_a_recorded_config_field(pretrained):
     """A started run records its teacher's width as model.target_dim (the pixels teacher of the tiny preset:
     3 x patch^2 values per patch); loading the run builds the head from it; a set width that the teacher does
     not produce is an error before the engine exists."""
-    from dtm_ds.students import load_student
+    from dtm_ds.pretrained import load_student
     from dtm_ds.train import build
 
     tiny = build_config("tiny")
@@ -315,7 +315,7 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
     from safetensors.torch import load_file
     from timm.models.beit import Beit
 
-    from dtm_ds.students import export, load_student
+    from dtm_ds.pretrained import export, load_student
 
     out = tmp_path / "run"
     cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, 2), 2)

@@ -15,7 +15,7 @@ from mmseg.registry import MODELS
 from torch.utils.checkpoint import checkpoint
 
 from dtm_ds.config import ModelConfig, build_config
-from dtm_ds.students import encoder_config
+from dtm_ds.pretrained import encoder_config
 from eval.classifier import build_classifier, load_pretrained
 
 

@@ -20,7 +20,7 @@ import torch
 import eval.seg  # noqa: F401  (mmcv-lite shim before any mmseg import)
 from dtm_ds import devices, distributed
 from dtm_ds.config import build_config
-from dtm_ds.students import encoder_config
+from dtm_ds.pretrained import encoder_config
 from eval.seg.data import check_ade20k
 
 CONFIG = Path(__file__).parent / "configs" / "upernet_dtm_ade20k.py"
