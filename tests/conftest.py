@@ -107,14 +107,22 @@ def small_beton(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """40 textured 40x40 images in two classes: the training runs' data."""
+    root = tmp_path_factory.mktemp("images")
+    write_class_folder(root / "imgs", {"a": 20, "b": 20}, size=(40, 40))
+    return root / "imgs"
+
+
+@pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     """A real dtm_ds run directory (tiny preset, 2 steps) for the downstream tests to transfer from."""
     import subprocess
 
-    from tests.test_train import ROOT, _ds_json, _env, _train_cmd
+    from tests.helpers import ROOT, ds_json, run_env, train_cmd
 
     root = tmp_path_factory.mktemp("pre")
     write_class_folder(root / "imgs", {"a": 8, "b": 8}, size=(40, 40))
-    cmd = _train_cmd(root / "imgs", root / "run", _ds_json(root / "ds.json", 8), 2)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    cmd = train_cmd(root / "imgs", root / "run", ds_json(root / "ds.json", 8), 2)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
     return root / "run"

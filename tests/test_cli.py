@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_class_folder
-from tests.test_train import ROOT, _ds_json, _env
+from tests.helpers import ROOT, ds_json, run_env
 
 TRAIN = [sys.executable, "dtm_ds/train.py"]
 FINETUNE = [sys.executable, "eval/finetune.py"]
@@ -32,7 +32,7 @@ HELP = {
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_documented_flag(command, flag):
     cmd, flags = HELP[command]
-    done = subprocess.run([*cmd, flag], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run([*cmd, flag], cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     for name in flags:
         assert f"  {name} " in done.stdout, name
@@ -43,7 +43,7 @@ def test_help_lists_every_documented_flag(command, flag):
 def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     write_class_folder(tmp / "imgs", {"a": 8, "b": 8}, size=(40, 40))
-    ok = json.loads(Path(_ds_json(tmp / "ok.json", 8)).read_text())
+    ok = json.loads(Path(ds_json(tmp / "ok.json", 8)).read_text())
     misspelt = dict(ok)
     misspelt["zero_optimisation"] = misspelt.pop("zero_optimization")
     (tmp / "zero_optimisation.json").write_text(json.dumps(misspelt))
@@ -99,7 +99,7 @@ MISTAKES = {  # name: (command from the inputs folder, text the error line must 
 @pytest.mark.parametrize("mistake", sorted(MISTAKES))
 def test_a_user_mistake_is_one_error_line_exit_2_and_writes_nothing(inputs, mistake):
     make, expected = MISTAKES[mistake]
-    done = subprocess.run(make(inputs), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(make(inputs), cwd=ROOT, env=run_env(), capture_output=True, text=True)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
     assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -107,7 +107,7 @@ def test_a_user_mistake_is_one_error_line_exit_2_and_writes_nothing(inputs, mist
 
 
 def test_the_traceback_is_one_switch_away(inputs):
-    env = _env() | {"DTM_TRACEBACK": "1"}
+    env = run_env() | {"DTM_TRACEBACK": "1"}
     done = subprocess.run(_train(inputs, "--run.save_every=abc"), cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" in done.stderr and "run.save_every expects int" in done.stderr
 

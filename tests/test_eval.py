@@ -3,7 +3,6 @@
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from dtm_ds.pretrained import encoder_config, load_student
 from eval.classifier import build_classifier, load_pretrained
-from tests.test_train import ROOT, _ds_json, _env
+from tests.helpers import ROOT, ds_json, finetune_cmd, run_env
 
 
 @pytest.mark.parametrize("img_size", [32, 48])
@@ -44,19 +43,12 @@ def test_transfer_adds_shared_table_to_every_block(pretrained, img_size):
     assert model(torch.randn(2, 3, img_size, img_size)).shape == (2, 10)
 
 
-def finetune_cmd(encoder, ds: str, out, *extra: str) -> list[str]:
-    """eval/finetune.py on Fashion-MNIST (Debian package) with micro batch 8 and no loader workers."""
-    return [sys.executable, "eval/finetune.py", "--encoder", str(encoder), "--dataset", "fmnist", "--data",
-            "fashion_mnist", "--ds_config", ds, "--output_dir", str(out), "--workers", "0",
-            "--recipe.batch_size=8", *extra]  # fmt: skip
-
-
 def test_finetune_through_deepspeed_resumes_exactly(pretrained, tmp_path):
     out = tmp_path / "ft"
-    ds = _ds_json(tmp_path / "ds.json", 8)
+    ds = ds_json(tmp_path / "ds.json", 8)
     cmd = finetune_cmd(pretrained, ds, out, "--train_per_class=2", "--eval_per_class=5", "--recipe.epochs=2")
     cmd.append("--max_epochs=1")
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (
         "new (randomly initialised) keys ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in done.stdout
@@ -66,11 +58,11 @@ def test_finetune_through_deepspeed_resumes_exactly(pretrained, tmp_path):
     assert len(first) == 1 and 0 <= first[0]["top1"] <= first[0]["top5"] <= 100 and first[0]["step"] == 2
     assert (out / "checkpoints" / "best").is_dir() and (out / "checkpoints" / "latest").read_text() == "epoch00000001"
     cmd.pop()  # the 2-epoch run resumes after epoch 1 ...
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
     rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["step"] == 4
     cmd[cmd.index(str(out))] = str(tmp_path / "straight")  # ... exactly as an uninterrupted 2-epoch run
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
     straight = [json.loads(line) for line in (tmp_path / "straight" / "eval.jsonl").read_text().splitlines()]
     assert straight[1] == rows[1] and straight[0]["train_loss"] != straight[1]["train_loss"]
 

@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import write_class_folder
-from tests.test_train import ROOT, _ds_json, _env, _train_cmd
+from tests.helpers import ROOT, ds_json, run_env, train_cmd
 
 STEPS = 6
 
@@ -41,12 +41,12 @@ def runs(tmp_path_factory):
     write_class_folder(tmp / "imgs", {"a": 20, "b": 20}, size=(40, 40))
     flags = ("--dtm.shared_schedule=true", "--optim.warmup_epochs=0.4", "--optim.epochs=2", "--optim.min_lr=1e-6")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29651"]
-    windows = _train_cmd(tmp / "imgs", tmp / "windows", _ds_json(tmp / "acc.json", 2, accum=2), STEPS, *flags)
-    single = _train_cmd(tmp / "imgs", tmp / "single", _ds_json(tmp / "ds8.json", 8), STEPS, *flags)
-    tiny_lr = _train_cmd(tmp / "imgs", tmp / "tiny_lr", _ds_json(tmp / "ds8.json", 8), 1, "--optim.lr=1.6e-8",
+    windows = train_cmd(tmp / "imgs", tmp / "windows", ds_json(tmp / "acc.json", 2, accum=2), STEPS, *flags)
+    single = train_cmd(tmp / "imgs", tmp / "single", ds_json(tmp / "ds8.json", 8), STEPS, *flags)
+    tiny_lr = train_cmd(tmp / "imgs", tmp / "tiny_lr", ds_json(tmp / "ds8.json", 8), 1, "--optim.lr=1.6e-8",
                          "--optim.min_lr=0", "--optim.warmup_epochs=0")  # fmt: skip
     for cmd in (torchrun + windows[1:], single, tiny_lr):
-        subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
     return tmp
 
 

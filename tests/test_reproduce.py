@@ -13,7 +13,7 @@ import pytest
 from dtm_ds.config import PRESETS, build_config
 from dtm_ds.engine import lr_factor
 from tests.conftest import write_ade20k, write_class_folder
-from tests.test_train import _ds_json, _env
+from tests.helpers import ds_json, run_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"ViT-B": "vitb", "ViT-L": "vitl"}
@@ -55,7 +55,7 @@ def test_print_config_matches_the_reproduction_table(stage):
     assert len(rows) >= {"pretrain": 30, "finetune": 20, "seg": 12}[stage]
     for column, preset in SIZES.items():
         cmd = [sys.executable, *PRINT[stage], preset]
-        done = subprocess.run(cmd, cwd=ROOT, env=_env() | {"WORLD_SIZE": "8"}, capture_output=True, text=True)
+        done = subprocess.run(cmd, cwd=ROOT, env=run_env() | {"WORLD_SIZE": "8"}, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         settings = json.loads(done.stdout[done.stdout.index("{") :])  # --print_config: JSON only, no data read
         for row in rows:
@@ -121,12 +121,12 @@ def test_reproduce_chain_end_to_end_and_resumable(tmp_path):
     finetune = ("--recipe.batch_size=8 --recipe.epochs=2 --recipe.warmup_epochs=1 --recipe.img_size=32 "
                 "--recipe.crop_pct=1.0 --workers 0 --log_every 1")  # fmt: skip
     cmd = [sys.executable, "eval/reproduce.py", "--model", "tiny", "--data", str(imagenet), "--launcher", "python",
-           "--ds_config", _ds_json(tmp_path / "ds.json", 8), "--out", str(out), "--ade20k", str(ade),
+           "--ds_config", ds_json(tmp_path / "ds.json", 8), "--out", str(out), "--ade20k", str(ade),
            "--inat18", str(_inat18(tmp_path / "inat", 16)),
            "--pretrain_args=--max_steps 3 --data.workers=1 --run.log_every=1 --run.vis_every=0",
            f"--finetune_args={finetune}",
            f"--seg_args={seg}"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     for stage in ("pretrain", "imagenet", "inat18", "ade20k"):
         assert (out / stage / "done.json").is_file(), stage
@@ -145,7 +145,7 @@ def test_reproduce_chain_end_to_end_and_resumable(tmp_path):
     assert "peak lr 3.90625e-06 = recipe.lr 0.0005 x global batch 8 / recipe.lr_batch 1024" in log
 
     before = _mtimes(out)
-    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    again = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:]
     assert again.stdout.count("skipped") == 4 and (out / "results.md").read_text() == results
     after = _mtimes(out)

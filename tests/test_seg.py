@@ -18,7 +18,7 @@ from eval.seg.backbone import DTMBEiT, default_out_indices
 from eval.seg.data import CheckSegLabels, check_ade20k
 from eval.seg.train import build_cfg
 from tests.conftest import write_ade20k
-from tests.test_train import ROOT, _env
+from tests.helpers import ROOT, run_env
 
 SEG = [sys.executable, "eval/seg/train.py", "--workers", "0", "--log_interval", "1"]
 
@@ -29,7 +29,7 @@ def ade(tmp_path_factory):
 
 
 def _run(*args, check=True):
-    done = subprocess.run([*SEG, *map(str, args)], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run([*SEG, *map(str, args)], cwd=ROOT, env=run_env(), capture_output=True, text=True)
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -179,7 +179,7 @@ def test_two_process_run_through_torchrun(ade, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *SEG[1:], "--launcher", "pytorch",
            "--data", ade, "--output_dir", out, "--model", "tiny", "--crop", 32, "--batch_size", 4, "--max_iters", 2,
            "--warmup_iters", 1]  # fmt: skip
-    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Distributed training: True" in done.stdout + done.stderr and _evals(out)[0]["iter"] == 2
 

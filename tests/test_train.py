@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,9 +16,7 @@ from dtm_ds.engine import engine_config, param_groups
 from dtm_ds.morph import dtm_loss
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
-from tests.conftest import write_class_folder
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, ds_json, run_env, step_losses, train_cmd
 
 
 def test_student_gets_all_gradients_and_clip_teacher_none(tiny_clip):
@@ -181,70 +178,13 @@ def test_no_weight_decay_groups():
     assert all(p.ndim > 1 for p in decay["params"]) and "lm_head.weight" in {names[id(p)] for p in decay["params"]}
 
 
-def _ds_json(path: Path, micro: int, stage: int = 0, accum: int = 1, **extra) -> str:
-    path.write_text(
-        json.dumps(
-            {
-                "train_micro_batch_size_per_gpu": micro,
-                "gradient_accumulation_steps": accum,
-                "gradient_clipping": 3.0,
-                "zero_optimization": {"stage": stage},
-                "zero_allow_untested_optimizer": True,
-                "steps_per_print": 10**9,
-            }
-            | extra
-        )
-    )
-    return str(path)
-
-
-def _train_cmd(data: Path, out: Path, ds: str, steps: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "dtm_ds/train.py",
-        "--ds_config",
-        ds,
-        "--model",
-        "tiny",
-        "--output_dir",
-        str(out),
-        "--max_steps",
-        str(steps),
-        f"--data.path={data}",
-        "--data.workers=0",
-        "--run.log_every=1",
-        "--run.save_every=4",
-        "--run.vis_every=0",
-        "--optim.warmup_epochs=0.1",
-        *extra,
-    ]
-
-
-def _losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}  # a replayed step keeps its last value
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    write_class_folder(root / "imgs", {"a": 20, "b": 20}, size=(40, 40))
-    return root / "imgs"
-
-
-def _env(faults: dict | None = None):
-    """The environment of a training subprocess; ``faults`` goes to DTM_FAULTS (dtm_ds/faults.py)."""
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the device: dtm_ds/devices.py decides
-    return env | {"DTM_FAULTS": json.dumps(faults)} if faults else env
-
-
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stages_train_and_lose_loss(folder, tmp_path, stage):
+def test_zero_stages_train_and_lose_loss(image_folder, tmp_path, stage):
     out = tmp_path / f"z{stage}"
     steps = 24 if stage == 0 else 3
-    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, stage), steps, "--optim.lr=0.02")
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    losses = _losses(out)
+    cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 8, stage), steps, "--optim.lr=0.02")
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    losses = step_losses(out)
     assert sorted(losses) == list(range(1, steps + 1))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{steps:08d}"
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
@@ -256,37 +196,39 @@ def test_zero_stages_train_and_lose_loss(folder, tmp_path, stage):
         assert last < 0.8 * first, (first, last)
 
 
-def test_sigkill_then_resume_gives_the_same_losses(folder, tmp_path):
-    ds = _ds_json(tmp_path / "ds.json", 8)
-    subprocess.run(_train_cmd(folder, tmp_path / "a", ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
-    cmd = _train_cmd(folder, tmp_path / "b", ds, 12)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_sigkill_then_resume_gives_the_same_losses(image_folder, tmp_path):
+    ds = ds_json(tmp_path / "ds.json", 8)
+    subprocess.run(
+        train_cmd(image_folder, tmp_path / "a", ds, 12), check=True, cwd=ROOT, env=run_env(), capture_output=True
+    )
+    cmd = train_cmd(image_folder, tmp_path / "b", ds, 12)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (
-        (tmp_path / "b" / "metrics.jsonl").exists() and len(_losses(tmp_path / "b")) >= 6
+        (tmp_path / "b" / "metrics.jsonl").exists() and len(step_losses(tmp_path / "b")) >= 6
     ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(_losses(tmp_path / "b"))
+    killed_at = max(step_losses(tmp_path / "b"))
     assert 6 <= killed_at < 12
-    done = subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert "resumed from step0000000" in done.stdout
-    torch.testing.assert_close(_losses(tmp_path / "b"), _losses(tmp_path / "a"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(step_losses(tmp_path / "b"), step_losses(tmp_path / "a"), rtol=1e-6, atol=0)
 
 
 @pytest.mark.ranks(2)
-def test_two_ranks_match_one_rank_with_accumulation(folder, tmp_path):
+def test_two_ranks_match_one_rank_with_accumulation(image_folder, tmp_path):
     """2 ranks x micro 4 and 1 rank x micro 4 x accumulation 2 run the same micro-batches (dtm_ds/data/__init__.py):
     equal per-step losses over 6 optimizer steps (rtol 1e-6: the gradient sums are added in another order)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run(_train_cmd(folder, one, _ds_json(tmp_path / "acc.json", 4, accum=2), 6), check=True, cwd=ROOT,
-                   env=_env(), capture_output=True)  # fmt: skip
+    subprocess.run(train_cmd(image_folder, one, ds_json(tmp_path / "acc.json", 4, accum=2), 6), check=True, cwd=ROOT,
+                   env=run_env(), capture_output=True)  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613"]
-    cmd = torchrun + _train_cmd(folder, two, _ds_json(tmp_path / "ds4.json", 4), 6)[1:]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    assert sorted(_losses(one)) == list(range(1, 7))
-    torch.testing.assert_close(_losses(one), _losses(two), rtol=1e-6, atol=0)
+    cmd = torchrun + train_cmd(image_folder, two, ds_json(tmp_path / "ds4.json", 4), 6)[1:]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    assert sorted(step_losses(one)) == list(range(1, 7))
+    torch.testing.assert_close(step_losses(one), step_losses(two), rtol=1e-6, atol=0)
 
 
 def test_timm_teacher_from_local_weights(tmp_path):
@@ -311,15 +253,15 @@ def test_timm_teacher_from_local_weights(tmp_path):
         build_teacher(cfg, build_config("tiny").model, torch.device("cpu"))
 
 
-def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
+def test_export_loads_into_timm_beit_and_checkpoint_teacher(image_folder, tmp_path):
     from safetensors.torch import load_file
     from timm.models.beit import Beit
 
     from dtm_ds.pretrained import export, load_student
 
     out = tmp_path / "run"
-    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8, 2), 2)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 8, 2), 2)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
     path = export(str(out), str(tmp_path / "student.safetensors"))
     m = build_config("tiny").model
     beit = Beit(
@@ -345,34 +287,34 @@ def test_export_loads_into_timm_beit_and_checkpoint_teacher(folder, tmp_path):
         load_student(tmp_path)
 
 
-def test_nonfinite_losses_are_skipped_then_stop_the_run(folder, tmp_path):
-    ds = _ds_json(tmp_path / "ds.json", 8)
+def test_nonfinite_losses_are_skipped_then_stop_the_run(image_folder, tmp_path):
+    ds = ds_json(tmp_path / "ds.json", 8)
     ok = tmp_path / "ok"
-    subprocess.run(_train_cmd(folder, ok, ds, 6), check=True, cwd=ROOT, env=_env({"nan_micro": [2]}),
+    subprocess.run(train_cmd(image_folder, ok, ds, 6), check=True, cwd=ROOT, env=run_env({"nan_micro": [2]}),
                    capture_output=True)  # fmt: skip
     rows = [json.loads(line) for line in (ok / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["skipped_windows"] == 1
     assert all(r["loss"] == r["loss"] for r in rows)  # no NaN reached an optimizer step
     bad = tmp_path / "bad"
-    cmd = _train_cmd(folder, bad, ds, 20, "--run.max_nonfinite=3")
-    done = subprocess.run(cmd, cwd=ROOT, env=_env({"nan_micro": [5, 6, 7]}), capture_output=True, text=True)
+    cmd = train_cmd(image_folder, bad, ds, 20, "--run.max_nonfinite=3")
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env({"nan_micro": [5, 6, 7]}), capture_output=True, text=True)
     assert done.returncode != 0 and "3 non-finite losses in a row at step 6" in done.stderr
     assert (bad / "checkpoints" / "latest").read_text().strip() == "step00000004"  # the last good one
 
 
-def test_a_nonfinite_micro_step_drops_exactly_its_window(folder, tmp_path):
+def test_a_nonfinite_micro_step_drops_exactly_its_window(image_folder, tmp_path):
     """Accumulation 2, a NaN at micro-step 2 (the first half of window 1, so the flag must survive the
     window's clean second half): window 1 is dropped whole. Reference:
     a clean run stopped after step 1 whose checkpoint is edited to say window 1 was consumed and dropped,
     then resumed. Equal losses at steps 2 and 3 mean the drop left parameters, Adam state, lr schedule and
     DeepSpeed's accumulation phase exactly as they were."""
-    ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
+    ds = ds_json(tmp_path / "acc.json", 4, accum=2)
     dropped, edited = tmp_path / "dropped", tmp_path / "edited"
-    subprocess.run(_train_cmd(folder, dropped, ds, 3), check=True, cwd=ROOT, env=_env({"nan_micro": [2]}),
+    subprocess.run(train_cmd(image_folder, dropped, ds, 3), check=True, cwd=ROOT, env=run_env({"nan_micro": [2]}),
                    capture_output=True)  # fmt: skip
     rows = [json.loads(line) for line in (dropped / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_windows"]) for r in rows] == [(1, 0), (2, 1), (3, 1)]
-    subprocess.run(_train_cmd(folder, edited, ds, 1), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    subprocess.run(train_cmd(image_folder, edited, ds, 1), check=True, cwd=ROOT, env=run_env(), capture_output=True)
     tag = edited / "checkpoints" / "step00000001"
     states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     states["train_state"] |= {"epoch_step": 2, "skipped_windows": 1}
@@ -380,24 +322,24 @@ def test_a_nonfinite_micro_step_drops_exactly_its_window(folder, tmp_path):
     record = json.loads((tag / "complete.json").read_text())
     record["files"]["mp_rank_00_model_states.pt"] = (tag / "mp_rank_00_model_states.pt").stat().st_size
     (tag / "complete.json").write_text(json.dumps(record))
-    subprocess.run(_train_cmd(folder, edited, ds, 3), check=True, cwd=ROOT, env=_env(), capture_output=True)
-    assert _losses(edited) == _losses(dropped)
+    subprocess.run(train_cmd(image_folder, edited, ds, 3), check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    assert step_losses(edited) == step_losses(dropped)
 
 
-def test_compiled_student_and_dtm_step_match_eager(folder, tmp_path):
-    ds = _ds_json(tmp_path / "ds.json", 8)
+def test_compiled_student_and_dtm_step_match_eager(image_folder, tmp_path):
+    ds = ds_json(tmp_path / "ds.json", 8)
     for name, extra in (("eager", ()), ("compiled", ("--run.compile=aot_eager",))):
-        cmd = _train_cmd(folder, tmp_path / name, ds, 3, *extra)
-        subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
-    torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"), rtol=1e-5, atol=0)
+        cmd = train_cmd(image_folder, tmp_path / name, ds, 3, *extra)
+        subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    torch.testing.assert_close(step_losses(tmp_path / "compiled"), step_losses(tmp_path / "eager"), rtol=1e-5, atol=0)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(folder, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits(image_folder, tmp_path):
     out = tmp_path / "run"
-    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 8), 200, "--run.save_every=1000")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 8), 200, "--run.save_every=1000")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(_losses(out)) >= 3):
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(step_losses(out)) >= 3):
         time.sleep(0.2)
     sent = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -424,14 +366,14 @@ def test_reference_init_is_bounded_at_one_std_and_rescaled():
     assert timm_init.blocks[0].mlp.fc1.weight.abs().max() > 0.05 and timm_init.blocks[0].mlp.fc1.weight.std() > 0.019
 
 
-def test_dtm_loss_weight_and_normalised_targets_in_a_run(folder, tmp_path):
+def test_dtm_loss_weight_and_normalised_targets_in_a_run(image_folder, tmp_path):
     """dtm.loss_weight scales what is backpropagated, not what is logged: at step 1 (same weights, same
     batch) the gradient norm is exactly proportional to the weight and the loss is the same.
     dtm.normalize_target changes the loss itself."""
-    ds, rows = _ds_json(tmp_path / "ds.json", 8), {}
+    ds, rows = ds_json(tmp_path / "ds.json", 8), {}
     for name, extra in (("w1", ()), ("w2", ("--dtm.loss_weight=2",)), ("w0", ("--dtm.loss_weight=0",)),
                         ("norm", ("--dtm.normalize_target=true",))):  # fmt: skip
-        subprocess.run(_train_cmd(folder, tmp_path / name, ds, 1, *extra), check=True, cwd=ROOT, env=_env(),
+        subprocess.run(train_cmd(image_folder, tmp_path / name, ds, 1, *extra), check=True, cwd=ROOT, env=run_env(),
                        capture_output=True)  # fmt: skip
         rows[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
     assert rows["w2"]["loss"] == rows["w1"]["loss"] == rows["w0"]["loss"]
@@ -440,15 +382,15 @@ def test_dtm_loss_weight_and_normalised_targets_in_a_run(folder, tmp_path):
     assert rows["norm"]["loss"] != rows["w1"]["loss"] and rows["norm"]["loss"] == rows["norm"]["loss"]
 
 
-def test_a_logged_loss_equals_an_independent_recompute_of_its_step(folder, tmp_path):
+def test_a_logged_loss_equals_an_independent_recompute_of_its_step(image_folder, tmp_path):
     """A real dtm_ds/train.py step with a non-default beta: its batch, teacher targets, student outputs and
     schedule saved (DTM_FAULTS dump), the pixels teacher's targets recomputed by hand from the images, and
     the logged per-level and mean losses recomputed by the slow reference (bench/morph_reference.py)."""
     from bench.morph_reference import reference_loss
 
     out, dump = tmp_path / "run", tmp_path / "step.pt"
-    cmd = _train_cmd(folder, out, _ds_json(tmp_path / "ds.json", 4), 1, "--dtm.beta=0.7", "--dtm.loss_weight=3")
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env({"dump_micro": 0, "dump_to": str(dump)}), capture_output=True)
+    cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 4), 1, "--dtm.beta=0.7", "--dtm.loss_weight=3")
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env({"dump_micro": 0, "dump_to": str(dump)}), capture_output=True)
     saved, row = torch.load(dump), json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     images, targets, pred, schedule = (saved[k] for k in ("images", "targets", "pred", "schedule"))
     patches = images.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(4, 64, 48)  # (B, N, 3*4*4)

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from tests.test_train import ROOT, _env
+from tests.helpers import ROOT, run_env
 
 
 @pytest.fixture(scope="module")
 def table(pretrained, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad") / "cases.json"
     cmd = [sys.executable, "-m", "tests.faults.bad_inputs", "--pretrained", str(pretrained), "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
     return json.loads(out.read_text())
 
 

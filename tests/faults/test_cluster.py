@@ -17,33 +17,24 @@ import pytest
 import torch
 
 from dtm_ds.checkpoint import is_complete
-from tests.conftest import write_class_folder
-from tests.faults.test_faults import _torchrun, _wait_for_step, _worker_pids
-from tests.test_train import ROOT, _ds_json, _env, _losses, _train_cmd
+from tests.helpers import ROOT, ds_json, run_env, step_losses, torchrun_cmd, train_cmd, wait_for_step, worker_pids
 
 LONG = ("--optim.epochs=100",)  # a schedule far longer than the test: stops happen mid-run
 STEPS = 60  # the kill fuzz's run length
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
-    write_class_folder(root / "imgs", {"a": 20, "b": 20}, size=(40, 40))
-    return root / "imgs"
-
-
 def _run(cmd, env=None, check=True) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env or run_env(), capture_output=True, text=True)
     assert not check or done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def _two_ranks(port: int, images, out, ds, steps, *extra) -> list[str]:
-    return _torchrun(port) + _train_cmd(images, out, ds, steps, *LONG, *extra)[1:]
+def _two_ranks(port: int, image_folder, out, ds, steps, *extra) -> list[str]:
+    return torchrun_cmd(port) + train_cmd(image_folder, out, ds, steps, *LONG, *extra)[1:]
 
 
 def _start(cmd) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
 
 
@@ -78,24 +69,24 @@ def _stopped_step(stdout: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def two_rank_reference(images, tmp_path_factory):
+def two_rank_reference(image_folder, tmp_path_factory):
     """Per-step losses of an uninterrupted 2-rank run (micro batch 4, 40 steps)."""
     tmp = tmp_path_factory.mktemp("reference")
-    _run(_two_ranks(29641, images, tmp / "run", _ds_json(tmp / "ds.json", 4), 40, "--run.save_every=1000"))
-    return _losses(tmp / "run")
+    _run(_two_ranks(29641, image_folder, tmp / "run", ds_json(tmp / "ds.json", 4), 40, "--run.save_every=1000"))
+    return step_losses(tmp / "run")
 
 
 @pytest.mark.parametrize("target", ["one_worker", "both_workers", "launcher"])
-def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(images, tmp_path, two_rank_reference, target):
+def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(image_folder, tmp_path, two_rank_reference, target):
     """SIGTERM to rank 1 only, to both ranks 0.3 s apart (what ``srun`` and ``scancel`` do), or to torchrun
     (which forwards it to both): the ranks agree on one step through the per-micro-step all-reduce, write
     one complete checkpoint there and exit 0; a re-run continues exactly. torchrun itself, when it is the
     one signalled, re-raises the signal after its workers exit (exit code 1, ``SignalException``)."""
-    out, ds = tmp_path / "run", _ds_json(tmp_path / "ds.json", 4)
-    cmd = _two_ranks(29642, images, out, ds, 40, "--run.save_every=1000")
+    out, ds = tmp_path / "run", ds_json(tmp_path / "ds.json", 4)
+    cmd = _two_ranks(29642, image_folder, out, ds, 40, "--run.save_every=1000")
     proc = _start(cmd)
-    _wait_for_step(out, 4, proc)
-    workers = _worker_pids(proc.pid)
+    wait_for_step(out, 4, proc)
+    workers = worker_pids(proc.pid)
     if target == "both_workers":
         os.kill(workers[0], signal.SIGTERM)
         time.sleep(0.3)
@@ -110,36 +101,36 @@ def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(images, tmp_p
     assert "[rank" not in stderr and json.loads(stdout.strip().splitlines()[-1]) == {
         "done": False,  # stopped by the signal before max_steps: a re-run continues
         "step": stopped,
-        "loss": _losses(out)[stopped],
+        "loss": step_losses(out)[stopped],
     }
     assert took < 30 and 4 <= stopped < 40
     folders = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert folders == [f"step{stopped:08d}"] and is_complete(out / "checkpoints" / folders[0])
     resumed = _run(cmd)
     assert f"resumed from step{stopped:08d}" in resumed.stdout
-    torch.testing.assert_close(_losses(out), two_rank_reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(step_losses(out), two_rank_reference, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
-def test_kill_or_stop_with_accumulation_resumes_exactly(images, tmp_path, sig):
+def test_kill_or_stop_with_accumulation_resumes_exactly(image_folder, tmp_path, sig):
     """gradient_accumulation_steps 2: a SIGKILL falls back to the last checkpoint, a SIGTERM saves at the
     end of the current window; either way the resumed run's per-step losses equal an uninterrupted run's."""
-    ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
-    _run(_train_cmd(images, tmp_path / "reference", ds, 24, *LONG))
+    ds = ds_json(tmp_path / "acc.json", 4, accum=2)
+    _run(train_cmd(image_folder, tmp_path / "reference", ds, 24, *LONG))
     out = tmp_path / "run"
-    cmd = _train_cmd(images, out, ds, 24, *LONG)
+    cmd = train_cmd(image_folder, out, ds, 24, *LONG)
     proc = _start(cmd)
-    _wait_for_step(out, 6, proc)
+    wait_for_step(out, 6, proc)
     stdout, stderr, took = _stop(proc, proc.pid, getattr(signal, sig))
     if sig == "SIGTERM":
         stopped = _stopped_step(stdout)
         assert proc.returncode == 0 and took < 30 and is_complete(out / "checkpoints" / f"step{stopped:08d}")
     _run(cmd)
-    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("engine", ["zero2_bf16", pytest.param("fp32", marks=pytest.mark.faults_slow)])
-def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference, engine):
+def test_resume_on_another_number_of_ranks(image_folder, tmp_path, two_rank_reference, engine):
     """2 ranks x accumulation 1, SIGKILL after step 6 (last checkpoint: step 4, or 8), resumed on 1 rank x
     accumulation 2: the same micro-batches, schedules and draws, so the per-step losses equal the
     uninterrupted 2-rank run's. ZeRO-2's per-rank optimizer state goes through DeepSpeed's universal
@@ -148,94 +139,96 @@ def test_resume_on_another_number_of_ranks(images, tmp_path, two_rank_reference,
     extra = {"bf16": {"enabled": True}} if engine == "zero2_bf16" else {}
     stage = 2 if engine == "zero2_bf16" else 0
     out = tmp_path / "run"
-    two = _two_ranks(29643, images, out, _ds_json(tmp_path / "ds4.json", 4, stage, **extra), 40, "--run.save_every=4")
+    two = _two_ranks(
+        29643, image_folder, out, ds_json(tmp_path / "ds4.json", 4, stage, **extra), 40, "--run.save_every=4"
+    )
     reference = two_rank_reference
     if engine == "zero2_bf16":  # bf16 weights: its own 2-rank reference
-        _run(_two_ranks(29644, images, tmp_path / "ref", _ds_json(tmp_path / "r.json", 4, stage, **extra), 12))
-        reference = _losses(tmp_path / "ref")
+        _run(_two_ranks(29644, image_folder, tmp_path / "ref", ds_json(tmp_path / "r.json", 4, stage, **extra), 12))
+        reference = step_losses(tmp_path / "ref")
     proc = _start(two)
-    _wait_for_step(out, 6, proc)
+    wait_for_step(out, 6, proc)
     _stop(proc, proc.pid, signal.SIGKILL)
-    one = _train_cmd(images, out, _ds_json(tmp_path / "acc.json", 4, stage, accum=2, **extra), 12, *LONG)
+    one = train_cmd(image_folder, out, ds_json(tmp_path / "acc.json", 4, stage, accum=2, **extra), 12, *LONG)
     resumed = _run(one + ["--run.save_every=4"])
     resumed_at = int(re.search(r"resumed from step(\d+)", resumed.stdout).group(1))  # 4, or 8 if the kill was late
     assert resumed_at in (4, 8) and ("universal format, now on 1 ranks" in resumed.stdout) == (stage > 0)
-    losses = _losses(out)
+    losses = step_losses(out)
     torch.testing.assert_close(losses, {s: reference[s] for s in losses}, rtol=1e-6, atol=0)
 
 
-def test_grow_from_one_rank_to_two(images, tmp_path):
+def test_grow_from_one_rank_to_two(image_folder, tmp_path):
     """The other direction: 1 rank x accumulation 2 (ZeRO-2, bf16) for 4 steps, then the same run on 2 ranks x
     accumulation 1. The 1-rank optimizer state goes through the universal format, and every step equals an
     uninterrupted 2-rank run's (rtol 1e-6)."""
     extra, out = {"bf16": {"enabled": True}}, tmp_path / "run"
-    _run(_train_cmd(images, out, _ds_json(tmp_path / "acc.json", 4, 2, accum=2, **extra), 4, *LONG))
-    grown = _run(_two_ranks(29653, images, out, _ds_json(tmp_path / "ds4.json", 4, 2, **extra), 8))
+    _run(train_cmd(image_folder, out, ds_json(tmp_path / "acc.json", 4, 2, accum=2, **extra), 4, *LONG))
+    grown = _run(_two_ranks(29653, image_folder, out, ds_json(tmp_path / "ds4.json", 4, 2, **extra), 8))
     assert "resumed from step00000004" in grown.stdout and "universal format, now on 2 ranks" in grown.stdout
-    _run(_two_ranks(29654, images, tmp_path / "ref", _ds_json(tmp_path / "r.json", 4, 2, **extra), 8))
-    losses = _losses(out)
+    _run(_two_ranks(29654, image_folder, tmp_path / "ref", ds_json(tmp_path / "r.json", 4, 2, **extra), 8))
+    losses = step_losses(out)
     assert sorted(losses) == list(range(1, 9))
-    torch.testing.assert_close(losses, _losses(tmp_path / "ref"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses, step_losses(tmp_path / "ref"), rtol=1e-6, atol=0)
 
 
-def test_a_nonfinite_loss_on_one_rank_drops_the_window_on_every_rank(images, tmp_path):
+def test_a_nonfinite_loss_on_one_rank_drops_the_window_on_every_rank(image_folder, tmp_path):
     """2 ranks; rank 1 alone gets a NaN loss at its micro-step 2 (window 2). Both ranks drop that window: the
     run equals one where both ranks got the NaN there (had rank 0 stepped alone, the all-reduced NaN gradient
     or diverged parameters would show in every later loss), and the checkpoint counts one skipped window."""
-    ds = _ds_json(tmp_path / "ds.json", 4)
+    ds = ds_json(tmp_path / "ds.json", 4)
     one, both = tmp_path / "one", tmp_path / "both"
-    _run(_two_ranks(29651, images, one, ds, 6, "--run.save_every=3"), env=_env({"nan_micro": [2], "rank": 1}))
-    _run(_two_ranks(29652, images, both, ds, 6, "--run.save_every=3"), env=_env({"nan_micro": [2]}))
+    _run(_two_ranks(29651, image_folder, one, ds, 6, "--run.save_every=3"), env=run_env({"nan_micro": [2], "rank": 1}))
+    _run(_two_ranks(29652, image_folder, both, ds, 6, "--run.save_every=3"), env=run_env({"nan_micro": [2]}))
     rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["skipped_windows"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1), (6, 1)]
     assert all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in rows)  # finite
-    assert _losses(one) == _losses(both)
+    assert step_losses(one) == step_losses(both)
     states = torch.load(one / "checkpoints" / "step00000006" / "mp_rank_00_model_states.pt", weights_only=False)
     assert states["train_state"]["step"] == 6 and states["train_state"]["skipped_windows"] == 1
 
 
-def test_zero3_on_another_number_of_ranks_is_refused_before_any_step(images, tmp_path):
+def test_zero3_on_another_number_of_ranks_is_refused_before_any_step(image_folder, tmp_path):
     """DeepSpeed's universal checkpoint does not carry ZeRO-3's optimizer state exactly (measured: the
     first step after an elastic resume is off by 2e-5): a clear error instead of a silent drift."""
     out = tmp_path / "run"
-    _run(_two_ranks(29647, images, out, _ds_json(tmp_path / "ds4.json", 4, 3), 2))
-    one = _run(_train_cmd(images, out, _ds_json(tmp_path / "acc.json", 4, 3, accum=2), 4, *LONG), check=False)
+    _run(_two_ranks(29647, image_folder, out, ds_json(tmp_path / "ds4.json", 4, 3), 2))
+    one = _run(train_cmd(image_folder, out, ds_json(tmp_path / "acc.json", 4, 3, accum=2), 4, *LONG), check=False)
     assert one.returncode == 2 and "error: step00000002 was saved by 2 ranks with ZeRO-3" in one.stderr
-    assert max(_losses(out)) == 2
+    assert max(step_losses(out)) == 2
 
 
-def test_a_changed_config_is_refused_before_anything_is_written(images, tmp_path):
-    ds = _ds_json(tmp_path / "ds.json", 8)
+def test_a_changed_config_is_refused_before_anything_is_written(image_folder, tmp_path):
+    ds = ds_json(tmp_path / "ds.json", 8)
     out = tmp_path / "run"
-    _run(_train_cmd(images, out, ds, 2))
+    _run(train_cmd(image_folder, out, ds, 2))
     before = (out / "config.json").read_text()
-    changed = _run(_train_cmd(images, out, ds, 4, "--optim.lr=0.01", "--model.depth=2"), check=False)
+    changed = _run(train_cmd(image_folder, out, ds, 4, "--optim.lr=0.01", "--model.depth=2"), check=False)
     assert changed.returncode != 0
     assert "optim.lr: 0.004 -> 0.01" in changed.stderr and "model.depth: 4 -> 2" in changed.stderr
-    assert (out / "config.json").read_text() == before and max(_losses(out)) == 2
-    other_batch = _run(_train_cmd(images, out, _ds_json(tmp_path / "ds4.json", 4), 4), check=False)
+    assert (out / "config.json").read_text() == before and max(step_losses(out)) == 2
+    other_batch = _run(train_cmd(image_folder, out, ds_json(tmp_path / "ds4.json", 4), 4), check=False)
     assert "train_batch_size: 8 -> 4 (DeepSpeed config)" in other_batch.stderr
-    allowed = _run(_train_cmd(images, out, ds, 4, "--run.log_every=2", "--run.keep_last=1"))  # may change
+    allowed = _run(train_cmd(image_folder, out, ds, 4, "--run.log_every=2", "--run.keep_last=1"))  # may change
     assert "resumed from step00000002" in allowed.stdout
 
 
-def test_a_finished_run_re_run_writes_nothing(images, tmp_path):
-    ds = _ds_json(tmp_path / "ds.json", 8)
+def test_a_finished_run_re_run_writes_nothing(image_folder, tmp_path):
+    ds = ds_json(tmp_path / "ds.json", 8)
     out = tmp_path / "run"
-    _run(_train_cmd(images, out, ds, 4))
+    _run(train_cmd(image_folder, out, ds, 4))
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    again = _run(_train_cmd(images, out, ds, 4))
+    again = _run(train_cmd(image_folder, out, ds, 4))
     assert f"nothing to do: the run is done at step 4 of 4; its last checkpoint is {out}/checkpoints/step00000004" in (
         again.stdout
     )
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
 
 
-def test_slurm_srun_environment_maps_to_ranks(images, tmp_path):
+def test_slurm_srun_environment_maps_to_ranks(image_folder, tmp_path):
     """Two processes started as ``srun --ntasks 2`` starts them (SLURM_* only): they form one 2-rank job."""
-    out, ds = tmp_path / "run", _ds_json(tmp_path / "ds.json", 4)
-    cmd = _train_cmd(images, out, ds, 2)
-    base = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    out, ds = tmp_path / "run", ds_json(tmp_path / "ds.json", 4)
+    cmd = train_cmd(image_folder, out, ds, 2)
+    base = {k: v for k, v in run_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "4242", "MASTER_PORT": "29645"}
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=base | slurm | {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
@@ -246,76 +239,76 @@ def test_slurm_srun_environment_maps_to_ranks(images, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def beton(images, tmp_path_factory):
+def beton(image_folder, tmp_path_factory):
     from data_prep.write_ffcv import convert
 
     out = tmp_path_factory.mktemp("beton") / "train.beton"
-    convert(str(images), str(out), workers=1)
+    convert(str(image_folder), str(out), workers=1)
     return out
 
 
 @pytest.mark.parametrize("engine", ["ffcv", "zero2_bf16"])
-def test_sigkill_resume_is_exact_with_ffcv_and_with_zero2_bf16(images, beton, tmp_path, engine):
+def test_sigkill_resume_is_exact_with_ffcv_and_with_zero2_bf16(image_folder, beton, tmp_path, engine):
     """The GPU defaults, on CPU: the FFCV loader (numba decode threads, seeded crops), and ZeRO-2 in bf16."""
     if engine == "ffcv":
-        ds, data = _ds_json(tmp_path / "ds.json", 8), ("--data.backend=ffcv", "--data.workers=1")
+        ds, data = ds_json(tmp_path / "ds.json", 8), ("--data.backend=ffcv", "--data.workers=1")
         source = beton
     else:
-        ds, data, source = _ds_json(tmp_path / "ds.json", 8, 2, bf16={"enabled": True}), (), images
-    _run(_train_cmd(source, tmp_path / "reference", ds, 12, *LONG, *data))
+        ds, data, source = ds_json(tmp_path / "ds.json", 8, 2, bf16={"enabled": True}), (), image_folder
+    _run(train_cmd(source, tmp_path / "reference", ds, 12, *LONG, *data))
     out = tmp_path / "run"
-    cmd = _train_cmd(source, out, ds, 12, *LONG, *data)
+    cmd = train_cmd(source, out, ds, 12, *LONG, *data)
     proc = _start(cmd)
-    _wait_for_step(out, 6, proc)
+    wait_for_step(out, 6, proc)
     _stop(proc, proc.pid, signal.SIGKILL)
     _run(cmd)
-    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=0, atol=0)
+    torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=0, atol=0)
 
 
 def test_sigkill_resume_is_exact_with_ffcv_on_two_ranks(beton, tmp_path):
     """FFCV on 2 ranks: each rank's loader decodes its own chunks of the global order with its own decode
     threads; a job killed after step 6 and re-run equals an uninterrupted 2-rank FFCV run bit for bit."""
-    ds, data = _ds_json(tmp_path / "ds.json", 4), ("--data.backend=ffcv", "--data.workers=1", "--run.save_every=4")
+    ds, data = ds_json(tmp_path / "ds.json", 4), ("--data.backend=ffcv", "--data.workers=1", "--run.save_every=4")
     _run(_two_ranks(29655, beton, tmp_path / "reference", ds, 10, *data))
     out = tmp_path / "run"
     cmd = _two_ranks(29656, beton, out, ds, 10, *data)
     proc = _start(cmd)
-    _wait_for_step(out, 6, proc)
+    wait_for_step(out, 6, proc)
     _stop(proc, proc.pid, signal.SIGKILL)
     resumed = _run(cmd)
     assert re.search(r"resumed from step0000000[48]", resumed.stdout)
-    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=0, atol=0)
+    torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=0, atol=0)
 
 
 @pytest.mark.faults_slow
-def test_kill_fuzz_every_resume_is_exact(images, tmp_path):
+def test_kill_fuzz_every_resume_is_exact(image_folder, tmp_path):
     """20 rounds, each a fresh run of 60 steps killed at a moment drawn at random: at a uniform time within the
     training part of the run (a step, a checkpoint write or its publication), or inside the write of a
     random checkpoint at a random fraction of its bytes. Each resumes with the same command (no hand)
     and its per-step losses equal the uninterrupted run's."""
-    ds = _ds_json(tmp_path / "acc.json", 4, accum=2)
-    proc = _start(_train_cmd(images, tmp_path / "reference", ds, STEPS, *LONG, "--run.save_every=2"))
+    ds = ds_json(tmp_path / "acc.json", 4, accum=2)
+    proc = _start(train_cmd(image_folder, tmp_path / "reference", ds, STEPS, *LONG, "--run.save_every=2"))
     first = _first_metrics(tmp_path / "reference", proc)
-    _wait_for_step(tmp_path / "reference", STEPS, proc)
+    wait_for_step(tmp_path / "reference", STEPS, proc)
     training_s = 1.1 * (time.time() - first)  # all steps and a little past: the last save and the exit
     print(f"reference: {STEPS} steps in {training_s / 1.1:.2f} s after the first")
     proc.communicate(timeout=300)
-    reference, rng = _losses(tmp_path / "reference"), random.Random(0)
+    reference, rng = step_losses(tmp_path / "reference"), random.Random(0)
     for round_ in range(20):
         out = tmp_path / f"round{round_}"
-        cmd = _train_cmd(images, out, ds, STEPS, *LONG, "--run.save_every=2")
+        cmd = train_cmd(image_folder, out, ds, STEPS, *LONG, "--run.save_every=2")
         if round_ % 2:
             how = {"kill_in_save": 2 * rng.randint(1, STEPS // 2 - 1), "fraction": round(rng.random(), 3)}
-            assert _run(cmd, env=_env(how), check=False).returncode == -signal.SIGKILL
+            assert _run(cmd, env=run_env(how), check=False).returncode == -signal.SIGKILL
         else:
             how = {"after_first_step_s": round(rng.uniform(0, training_s), 3)}
             proc = _start(cmd)
             _first_metrics(out, proc)
             time.sleep(how["after_first_step_s"])
             _stop(proc, proc.pid, signal.SIGKILL)
-        killed_at = max(_losses(out), default=0)
+        killed_at = max(step_losses(out), default=0)
         _run(cmd)
-        assert _losses(out) == reference, how
+        assert step_losses(out) == reference, how
         print(f"round {round_}: killed by {how} after step {killed_at}; resumed run equal over {STEPS} steps")
 
 
@@ -329,9 +322,9 @@ def _first_metrics(out: Path, proc: subprocess.Popen) -> float:
 
 def test_distributed_evaluation_counts_every_image_once(pretrained, tmp_path):
     """3 ranks, 20 evaluation images: 7 + 7 + 6, no padding (a DistributedSampler would count 21)."""
-    from tests.test_eval import finetune_cmd
+    from tests.helpers import finetune_cmd
 
-    cmd = finetune_cmd(pretrained, _ds_json(tmp_path / "ds.json", 4), tmp_path / "ft", "--train_per_class=2",
+    cmd = finetune_cmd(pretrained, ds_json(tmp_path / "ds.json", 4), tmp_path / "ft", "--train_per_class=2",
                        "--eval_per_class=2", "--recipe.epochs=1", "--recipe.batch_size=12")  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_port=29646"]
     done = _run(torchrun + cmd[1:])
@@ -340,30 +333,30 @@ def test_distributed_evaluation_counts_every_image_once(pretrained, tmp_path):
 
 
 def test_finetune_stop_with_accumulation_saves_mid_epoch_and_resumes_exactly(pretrained, tmp_path):
-    """Fine-tuning with accumulation 2 over 17 micro-batches per epoch (70 images, micro batch 4): 8
+    """Fine-tuning with accumulation 2 over 17 micro-batches per epoch (70 image_folder, micro batch 4): 8
     windows an epoch, the 17th micro-batch dropped explicitly (it never spills into the next epoch). A
     SIGTERM saves `epochNNNNNNNN-stepNNNNNNNN` mid-epoch and exits 0; the re-run continues there with
     the same per-step losses and evaluation rows as an uninterrupted run."""
-    from tests.test_eval import finetune_cmd
+    from tests.helpers import finetune_cmd
 
     def cmd(out):
-        return finetune_cmd(pretrained, _ds_json(tmp_path / "acc.json", 4, accum=2), out, "--train_per_class=7",
+        return finetune_cmd(pretrained, ds_json(tmp_path / "acc.json", 4, accum=2), out, "--train_per_class=7",
                             "--eval_per_class=2", "--log_every=1", "--recipe.epochs=3")  # fmt: skip
 
     _run(cmd(tmp_path / "reference"))
-    reference = _losses(tmp_path / "reference")
+    reference = step_losses(tmp_path / "reference")
     rows = [json.loads(line) for line in (tmp_path / "reference" / "eval.jsonl").read_text().splitlines()]
     assert sorted(reference) == list(range(1, 25)) and [r["step"] for r in rows] == [8, 16, 24]
     out = tmp_path / "run"
     proc = _start(cmd(out))
-    _wait_for_step(out, 3, proc)
+    wait_for_step(out, 3, proc)
     stdout, stderr, took = _stop(proc, proc.pid, signal.SIGTERM)
     assert proc.returncode == 0 and took < 30, stderr[-2000:]
     epoch, window = map(int, re.search(r"stopped by a signal in epoch (\d+) after window (\d+)", stdout).groups())
     tag = f"epoch{epoch:08d}-step{window:08d}"
     assert (out / "checkpoints" / "latest").read_text() == tag and is_complete(out / "checkpoints" / tag)
     resumed = _run(cmd(out))
-    assert _losses(out) == reference, resumed.stdout[-1000:]
+    assert step_losses(out) == reference, resumed.stdout[-1000:]
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
 
 
@@ -372,23 +365,23 @@ def test_finetune_stop_on_two_ranks_saves_mid_epoch_and_resumes_exactly(pretrain
     ranks after the same window, one mid-epoch checkpoint is written, the job exits 0, and the re-run gives
     the per-step losses and evaluation rows of an uninterrupted 2-rank run (each epoch's train loss too: the
     checkpoint holds the ranks' mean of the epoch's loss sums, not rank 0's own)."""
-    from tests.test_eval import finetune_cmd
+    from tests.helpers import finetune_cmd
 
     def cmd(out, port):
         extra = ("--train_per_class=7", "--eval_per_class=2", "--log_every=1", "--recipe.epochs=3")
-        return _torchrun(port) + finetune_cmd(pretrained, _ds_json(tmp_path / "ds.json", 4), out, *extra)[1:]
+        return torchrun_cmd(port) + finetune_cmd(pretrained, ds_json(tmp_path / "ds.json", 4), out, *extra)[1:]
 
     _run(cmd(tmp_path / "reference", 29657))
-    reference = _losses(tmp_path / "reference")
+    reference = step_losses(tmp_path / "reference")
     assert sorted(reference) == list(range(1, 25))
     out = tmp_path / "run"
     proc = _start(cmd(out, 29658))
-    _wait_for_step(out, 3, proc)
-    stdout, stderr, took = _stop(proc, _worker_pids(proc.pid)[1], signal.SIGTERM)
+    wait_for_step(out, 3, proc)
+    stdout, stderr, took = _stop(proc, worker_pids(proc.pid)[1], signal.SIGTERM)
     assert proc.returncode == 0 and took < 30, stderr[-2000:]
     epoch, window = map(int, re.search(r"stopped by a signal in epoch (\d+) after window (\d+)", stdout).groups())
     tag = f"epoch{epoch:08d}-step{window:08d}"
     assert (out / "checkpoints" / "latest").read_text() == tag and is_complete(out / "checkpoints" / tag)
     _run(cmd(out, 29659))
-    assert _losses(out) == reference
+    assert step_losses(out) == reference
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()

@@ -18,87 +18,83 @@ import pytest
 import torch
 
 from dtm_ds.checkpoint import is_complete
-from tests.conftest import write_class_folder
-from tests.test_eval import finetune_cmd
-from tests.test_train import ROOT, _ds_json, _env, _losses, _train_cmd
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    write_class_folder(root / "imgs", {"a": 20, "b": 20}, size=(40, 40))
-    return root / "imgs"
-
-
-def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and _losses(out) and max(_losses(out)) >= step:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{out} did not reach step {step}")
+from tests.helpers import (
+    ROOT,
+    ds_json,
+    finetune_cmd,
+    run_env,
+    step_losses,
+    torchrun_cmd,
+    train_cmd,
+    wait_for_step,
+    worker_pids,
+)
 
 
 def _ckpts(out: Path) -> Path:
     return out / "checkpoints"
 
 
-def test_kill_during_checkpoint_write_falls_back_and_resumes_exactly(images, tmp_path):
-    ds = _ds_json(tmp_path / "ds.json", 8)
+def test_kill_during_checkpoint_write_falls_back_and_resumes_exactly(image_folder, tmp_path):
+    ds = ds_json(tmp_path / "ds.json", 8)
     reference, run = tmp_path / "reference", tmp_path / "run"
-    subprocess.run(_train_cmd(images, reference, ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
-    killed = subprocess.run(_train_cmd(images, run, ds, 12), cwd=ROOT, env=_env({"kill_in_save": 8}),
+    subprocess.run(train_cmd(image_folder, reference, ds, 12), check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    killed = subprocess.run(train_cmd(image_folder, run, ds, 12), cwd=ROOT, env=run_env({"kill_in_save": 8}),
                             capture_output=True)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL
     assert sorted(p.name for p in _ckpts(run).iterdir() if p.is_dir()) == [".partial-step00000008", "step00000004"]
     assert is_complete(_ckpts(run) / "step00000004") and (_ckpts(run) / "latest").read_text() == "step00000004"
-    resumed = subprocess.run(_train_cmd(images, run, ds, 12), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_cmd(image_folder, run, ds, 12), cwd=ROOT, env=run_env(), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from step00000004" in resumed.stdout
-    torch.testing.assert_close(_losses(run), _losses(reference), rtol=1e-6, atol=0)
+    torch.testing.assert_close(step_losses(run), step_losses(reference), rtol=1e-6, atol=0)
     assert sorted(p.name for p in _ckpts(run).iterdir() if p.is_dir()) == [f"step{s:08d}" for s in (4, 8, 12)]
     assert (_ckpts(run) / "latest").read_text() == "step00000012"
 
 
 @pytest.mark.parametrize("kill_at", [2, pytest.param(9, marks=pytest.mark.faults_slow)])
-def test_sigkill_at_a_step_then_resume_gives_the_same_losses(images, tmp_path, kill_at):
+def test_sigkill_at_a_step_then_resume_gives_the_same_losses(image_folder, tmp_path, kill_at):
     """Step 2: before the first checkpoint (a fresh start); step 9: after the step-8 one."""
-    ds = _ds_json(tmp_path / "ds.json", 8)
-    subprocess.run(_train_cmd(images, tmp_path / "a", ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    ds = ds_json(tmp_path / "ds.json", 8)
+    subprocess.run(
+        train_cmd(image_folder, tmp_path / "a", ds, 12), check=True, cwd=ROOT, env=run_env(), capture_output=True
+    )
     out = tmp_path / "b"
-    proc = subprocess.Popen(_train_cmd(images, out, ds, 12), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(train_cmd(image_folder, out, ds, 12), cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    _wait_for_step(out, kill_at, proc)
+    wait_for_step(out, kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(_train_cmd(images, out, ds, 12), check=True, cwd=ROOT, env=_env(), capture_output=True)
-    torch.testing.assert_close(_losses(out), _losses(tmp_path / "a"), rtol=1e-6, atol=0)
+    subprocess.run(train_cmd(image_folder, out, ds, 12), check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "a"), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("when", ["mid_epoch", pytest.param("in_save", marks=pytest.mark.faults_slow)])
 def test_finetune_sigkill_resumes_with_equal_losses(pretrained, tmp_path, when):
     """Killed in the middle of epoch 2, or halfway through writing the epoch-2 checkpoint."""
-    ds = _ds_json(tmp_path / "ds.json", 8)
+    ds = ds_json(tmp_path / "ds.json", 8)
 
     def cmd(out, *extra):  # 5 steps per epoch
         flags = ("--train_per_class=4", "--eval_per_class=2", "--log_every=1", "--recipe.epochs=3")
         return finetune_cmd(pretrained, ds, out, *flags, *extra)
 
-    subprocess.run(cmd(tmp_path / "reference"), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    subprocess.run(cmd(tmp_path / "reference"), check=True, cwd=ROOT, env=run_env(), capture_output=True)
     out = tmp_path / "run"
     if when == "mid_epoch":
-        proc = subprocess.Popen(cmd(out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_step(out, 7, proc)
+        proc = subprocess.Popen(cmd(out), cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_step(out, 7, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert 7 <= max(_losses(out)) < 15
+        assert 7 <= max(step_losses(out)) < 15
     else:
-        killed = subprocess.run(cmd(out), cwd=ROOT, env=_env({"kill_in_save": "epoch00000002"}), capture_output=True)
+        killed = subprocess.run(cmd(out), cwd=ROOT, env=run_env({"kill_in_save": "epoch00000002"}), capture_output=True)
         assert killed.returncode == -signal.SIGKILL and (_ckpts(out) / ".partial-epoch00000002").is_dir()
     assert (_ckpts(out) / "latest").read_text() == "epoch00000001"
-    resumed = subprocess.run(cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(cmd(out), cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    torch.testing.assert_close(_losses(out), _losses(tmp_path / "reference"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=1e-6, atol=0)
     # a kill between an epoch's eval row and its checkpoint repeats that row (same values), never loses it
     assert _evals_by_epoch(out) == _evals_by_epoch(tmp_path / "reference") and len(_evals_by_epoch(out)) == 3
 
@@ -118,11 +114,11 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_while_writing_a_checkpoint(images, tmp_path, small_disk):
-    ds = _ds_json(tmp_path / "ds.json", 8)
+def test_disk_full_while_writing_a_checkpoint(image_folder, tmp_path, small_disk):
+    ds = ds_json(tmp_path / "ds.json", 8)
     out = small_disk / "run"
-    cmd = _train_cmd(images, out, ds, 12, "--run.keep_last=2")
-    full = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    cmd = train_cmd(image_folder, out, ds, 12, "--run.keep_last=2")
+    full = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert full.returncode == 2  # reported as one line: the user can act on it (free space, re-run)
     assert "error: writing checkpoint" in full.stderr
     free = float(re.search(r"([0-9.]+) MiB are free on its disk", full.stderr).group(1))
@@ -131,45 +127,31 @@ def test_disk_full_while_writing_a_checkpoint(images, tmp_path, small_disk):
     assert sorted(p.name for p in _ckpts(out).iterdir()) == ["latest", "step00000004"]
     assert is_complete(_ckpts(out) / "step00000004")
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
-    resumed = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed from step00000004" in resumed.stdout
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["step"] == 12
 
 
-def _torchrun(port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-
-
-def _worker_pids(launcher: int) -> dict[int, int]:
-    """{rank: pid} of a torchrun launcher's workers."""
-    ranks = {}
-    for child in Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split():
-        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        rank = next(int(v.split(b"=")[1]) for v in env if v.startswith(b"RANK="))
-        ranks[rank] = int(child)
-    return ranks
-
-
 @pytest.mark.parametrize("fault", ["kill", pytest.param("hang", marks=pytest.mark.faults_slow)])
-def test_a_rank_dies_or_hangs_in_a_two_rank_run(images, tmp_path, fault):
-    out, ds = tmp_path / "run", _ds_json(tmp_path / "ds.json", 4)
+def test_a_rank_dies_or_hangs_in_a_two_rank_run(image_folder, tmp_path, fault):
+    out, ds = tmp_path / "run", ds_json(tmp_path / "ds.json", 4)
 
     def cmd(steps):
         extra = ("--optim.epochs=100", "--run.dist_timeout_s=15")
-        return _torchrun(29631 if fault == "kill" else 29632) + _train_cmd(images, out, ds, steps, *extra)[1:]
+        return torchrun_cmd(29631 if fault == "kill" else 29632) + train_cmd(image_folder, out, ds, steps, *extra)[1:]
 
     proc = subprocess.Popen(
         cmd(400),
         cwd=ROOT,
-        env=_env(),
+        env=run_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     try:
-        _wait_for_step(out, 6, proc)
-        victim = _worker_pids(proc.pid)[1]
+        wait_for_step(out, 6, proc)
+        victim = worker_pids(proc.pid)[1]
         os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
         sent = time.time()
         _, stderr = proc.communicate(timeout=120)
@@ -184,28 +166,30 @@ def test_a_rank_dies_or_hangs_in_a_two_rank_run(images, tmp_path, fault):
     assert "rank 0: lost contact with another rank" in stderr and "re-run the same command to resume" in stderr
     if fault == "kill":
         assert "exitcode  : -9" in stderr and "rank      : 1" in stderr  # torchrun's root cause: rank 1, SIGKILL
-    resumed = subprocess.run(cmd(14), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd(14), cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from step" in resumed.stdout
 
 
-def test_bf16_nonfinite_losses_are_skipped_and_counted(images, tmp_path):
+def test_bf16_nonfinite_losses_are_skipped_and_counted(image_folder, tmp_path):
     ds = tmp_path / "bf16.json"
     ds.write_text(
-        json.dumps(json.loads(Path(_ds_json(tmp_path / "fp32.json", 8)).read_text()) | {"bf16": {"enabled": True}})
+        json.dumps(json.loads(Path(ds_json(tmp_path / "fp32.json", 8)).read_text()) | {"bf16": {"enabled": True}})
     )
     out = tmp_path / "run"
-    cmd = _train_cmd(images, out, str(ds), 6)
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env({"nan_micro": [2]}), capture_output=True)
+    cmd = train_cmd(image_folder, out, str(ds), 6)
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env({"nan_micro": [2]}), capture_output=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["skipped_windows"] == 1
     assert all(r["loss"] == r["loss"] for r in rows) and is_complete(_ckpts(out) / "step00000004")
 
 
-def test_sigint_saves_and_exits_within_bounded_time(images, tmp_path):
+def test_sigint_saves_and_exits_within_bounded_time(image_folder, tmp_path):
     out = tmp_path / "run"
-    cmd = _train_cmd(images, out, _ds_json(tmp_path / "ds.json", 8), 200, "--run.save_every=1000", "--optim.epochs=100")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    _wait_for_step(out, 3, proc)
+    cmd = train_cmd(
+        image_folder, out, ds_json(tmp_path / "ds.json", 8), 200, "--run.save_every=1000", "--optim.epochs=100"
+    )
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wait_for_step(out, 3, proc)
     sent = time.time()
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=120)
@@ -223,7 +207,7 @@ def test_watchdog_ends_a_rank_stuck_where_no_backend_times_out():
         "dog.beat(); time.sleep(30)\n"
     )
     start = time.time()
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert done.returncode == 1 and 3 < time.time() - start < 20
     assert "no training step finished in 1 s. rank 0: lost contact with another rank" in done.stderr
     assert 'File "<string>", line 4' in done.stderr  # the stuck stack is dumped

@@ -8,8 +8,7 @@ import subprocess
 import pytest
 
 from tests.conftest import write_class_folder
-from tests.faults.test_faults import _torchrun
-from tests.test_train import ROOT, _ds_json, _env, _train_cmd
+from tests.helpers import ROOT, ds_json, run_env, torchrun_cmd, train_cmd
 
 STEPS = 1000
 
@@ -19,8 +18,8 @@ def test_thousand_steps_two_ranks_flat_memory_speed_and_fds(tmp_path):
     write_class_folder(tmp_path / "imgs", {"a": 20, "b": 20}, size=(40, 40))
     out = tmp_path / "run"
     extra = ("--optim.epochs=250", "--run.log_every=10", "--run.save_every=100", "--run.keep_last=2")
-    cmd = _torchrun(29641) + _train_cmd(tmp_path / "imgs", out, _ds_json(tmp_path / "ds.json", 4), STEPS, *extra)[1:]
-    subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True, timeout=1800)
+    cmd = torchrun_cmd(29641) + train_cmd(tmp_path / "imgs", out, ds_json(tmp_path / "ds.json", 4), STEPS, *extra)[1:]
+    subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True, timeout=1800)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == STEPS
     window = {name: [r for r in rows if lo < r["step"] <= hi] for name, (lo, hi) in
