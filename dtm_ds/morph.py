@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["LOSSES", "Morphed", "dtm_loss", "morph_levels", "morphed_loss", "sample_schedule"]
+
 LOSSES = ("smooth_l1", "l1", "l2", "negcosine")
 
 
@@ -67,7 +69,7 @@ def sample_schedule(n_max: Sequence[int], k_max: Sequence[int], generator: torch
     return torch.where(steps < k[:, None], r[:, None], 0)
 
 
-def morph(metric: Tensor, merges: Tensor | Sequence[int], protect_first: bool = True) -> Tensor:
+def _morph(metric: Tensor, merges: Tensor | Sequence[int], protect_first: bool = True) -> Tensor:
     """Group tokens by iterative bipartite soft matching on ``metric``.
 
     Args:
@@ -85,12 +87,12 @@ def morph(metric: Tensor, merges: Tensor | Sequence[int], protect_first: bool = 
         return _morph_gram(_gram(metric), merges, protect_first, _host_plan(merges, metric.shape[1], protect_first))
 
 
-def group_mean(x: Tensor, groups: Tensor) -> Tensor:
+def _group_mean(x: Tensor, groups: Tensor) -> Tensor:
     """Replace every token by the mean of its group.
 
     Args:
         x: [B, N, D] features; gradients flow through.
-        groups: [B, N] group ids in [0, N), as returned by :func:`morph`.
+        groups: [B, N] group ids in [0, N), as returned by :func:`_morph`.
 
     Returns:
         [B, N, D]; O(B·N·D) index_add/index_select over the flattened batch, no [B, N, N] tensor.

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from bench.morph_reference import canonical, reference_groups, reference_loss, reference_merges
-from dtm_ds.morph import dtm_loss, group_mean, morph, sample_schedule
+from dtm_ds.morph import _group_mean, _morph, dtm_loss, sample_schedule
 
 
 def _check_partitions(metric, merges, protect_first=True):
-    got = morph(metric, merges, protect_first=protect_first)
+    got = _morph(metric, merges, protect_first=protect_first)
     assert got.dtype == torch.long and got.shape == metric.shape[:2]
     assert int(got.min()) >= 0 and int(got.max()) < metric.shape[1]
     for i in range(metric.shape[0]):
@@ -47,30 +47,30 @@ def test_morph_edges(merges):
 
 def test_identity_and_full_merge():
     metric = torch.randn(2, 10, 4, dtype=torch.float64)
-    assert torch.equal(morph(metric, [0, 0]), torch.arange(10).expand(2, 10))
-    groups = morph(metric, [100] * 20)  # merges until only the protected token and one group remain
+    assert torch.equal(_morph(metric, [0, 0]), torch.arange(10).expand(2, 10))
+    groups = _morph(metric, [100] * 20)  # merges until only the protected token and one group remain
     assert all(len(set(g.tolist())) == 2 for g in groups)
     assert all(g[0] not in g[1:].tolist() for g in groups)  # the first token is never merged away
-    assert all(len(set(g.tolist())) == 1 for g in morph(metric, [100] * 20, protect_first=False))
+    assert all(len(set(g.tolist())) == 1 for g in _morph(metric, [100] * 20, protect_first=False))
 
 
 def test_per_row_merges_match_rows_alone():
     metric = torch.randn(3, 30, 8, dtype=torch.float64)
     merges = torch.tensor([[5, 5, 0], [14, 0, 0], [1, 2, 3]])
-    both = morph(metric, merges)
+    both = _morph(metric, merges)
     for i in range(3):
-        assert torch.equal(both[i], morph(metric[i : i + 1], merges[i])[0])
+        assert torch.equal(both[i], _morph(metric[i : i + 1], merges[i])[0])
 
 
 def test_group_mean_matches_loop_and_is_differentiable():
     x = torch.randn(2, 12, 5, dtype=torch.float64, requires_grad=True)
-    groups = morph(torch.randn(2, 12, 3, dtype=torch.float64), [3, 3])
-    out = group_mean(x, groups)
+    groups = _morph(torch.randn(2, 12, 3, dtype=torch.float64), [3, 3])
+    out = _group_mean(x, groups)
     for b in range(2):
         for i in range(12):
             members = (groups[b] == groups[b, i]).nonzero().flatten()
             torch.testing.assert_close(out[b, i], x[b, members].mean(0))
-    assert torch.autograd.gradcheck(lambda v: group_mean(v, groups), (x,))
+    assert torch.autograd.gradcheck(lambda v: _group_mean(v, groups), (x,))
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -152,7 +152,7 @@ def test_sample_schedule_is_seeded_and_uniform():
 def test_compiles_once_and_replays_schedules():
     torch._dynamo.reset()
     metric = torch.randn(2, 196, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    fn = torch.compile(morph, fullgraph=True, dynamic=False, backend="aot_eager")
+    fn = torch.compile(_morph, fullgraph=True, dynamic=False, backend="aot_eager")
     loss_fn = torch.compile(dtm_loss, fullgraph=True, dynamic=False, backend="aot_eager")
     gen = torch.Generator().manual_seed(11)
     with torch._dynamo.config.patch(error_on_recompile=True):
