@@ -6,15 +6,13 @@ world size; stating it here too is allowed only if it agrees.
 """
 
 import dataclasses
-import difflib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtm_ds.morph import LOSSES
+from dtm_ds.options import parse_options
 
 
 @dataclass
@@ -281,61 +279,11 @@ def build_config(preset: str = "vitb", overrides: dict[str, Any] | None = None) 
     tree = Config().to_dict()
     for section, values in PRESETS[preset].items():
         tree[section].update(values)
-    for key, value in (overrides or {}).items():
+    kinds = {f"{section}.{f.name}": f.type for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)}
+    for key, value in parse_options(overrides or {}, kinds, "config keys").items():
         section, _, name = key.partition(".")
-        if section not in tree or name not in tree[section]:
-            raise ValueError(f"unknown config key {key!r}{_suggest(key, tree)} (--help lists every key)")
-        tree[section][name] = coerce(key, value, SECTIONS[section].__dataclass_fields__[name].type)
+        tree[section][name] = value
     return from_dict(tree)
-
-
-def coerce(key: str, value: Any, kind) -> Any:
-    """``value`` as the field type ``kind`` (int, float, bool, str, T | None, list[T], tuple[T, ...]), or a
-    ValueError that names the key, the type and the value."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (types.UnionType, typing.Union):
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        return coerce(key, value, next(a for a in args if a is not type(None)))
-    if origin in (list, tuple) and isinstance(value, list | tuple):
-        if origin is tuple and len(args) != len(value):
-            raise ValueError(f"{key} expects {len(args)} values, got {value!r}")
-        items = [coerce(f"{key}[{i}]", v, args[i] if origin is tuple else args[0]) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if kind is bool and isinstance(value, str) and value.lower() in _BOOLS:  # fire passes true/false as text
-        return _BOOLS[value.lower()]
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is bool and isinstance(value, bool) or kind is int and number and float(value).is_integer():
-        return int(value) if kind is int else value
-    if kind is float and number:
-        return float(value)
-    if kind is str and (isinstance(value, str) or number):
-        return str(value)
-    example = {list: " such as [196,196]", tuple: " such as [0.9,0.98]"}.get(origin, "")
-    raise ValueError(f"{key} expects {_type_name(kind)}{example}, got {value!r}")
-
-
-_BOOLS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
-
-
-def _type_name(kind) -> str:
-    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
-
-
-def _suggest(key: str, tree: dict[str, Any]) -> str:
-    """'; did you mean ...?' for a mistyped key: the same field in another section, a close spelling of the
-    field, or a field whose name is the key's initials (learning_rate -> lr)."""
-    _, _, name = key.partition(".")
-    initials = "".join(word[:1] for word in name.split("_"))
-    scored = []
-    for section, values in tree.items():
-        for field_name in values:
-            ratio = difflib.SequenceMatcher(None, name, field_name).ratio()
-            score = 2.0 if field_name == name else 1.5 if field_name == initials else ratio
-            if score >= 0.75:
-                scored.append((-score, f"{section}.{field_name}"))
-    close = [k for _, k in sorted(scored)[:3]]
-    return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
 
 
 def from_dict(tree: dict[str, Any]) -> Config:

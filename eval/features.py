@@ -47,18 +47,11 @@ class Probe:
 
 def make_probe(encoder: str, options: dict) -> Probe:
     """A :class:`Probe` from command-line options, each checked against its field's type."""
-    import difflib
     from dataclasses import fields
 
-    from dtm_ds.config import coerce
+    from dtm_ds.options import parse_options
 
-    kinds = {f.name: f.type for f in fields(Probe) if f.name != "encoder"}
-    unknown = sorted(set(options) - set(kinds))
-    if unknown:
-        hints = {k: difflib.get_close_matches(k, kinds, 1, 0.6) for k in unknown}
-        said = "".join(f"; {k!r}: did you mean {v[0]!r}?" for k, v in hints.items() if v)
-        raise ValueError(f"unknown options {unknown}{said} (--help lists them)")
-    return Probe(encoder, **{k: coerce(k, v, kinds[k]) for k, v in options.items()})
+    return Probe(encoder, **parse_options(options, {f.name: f.type for f in fields(Probe) if f.name != "encoder"}))
 
 
 def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):

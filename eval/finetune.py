@@ -12,7 +12,6 @@ epoch end (the last ``keep_last``) plus ``best``; a re-run resumes exactly from 
 """
 
 import dataclasses
-import difflib
 import json
 import random
 from pathlib import Path
@@ -28,7 +27,7 @@ from data_prep.datasets import open_listing
 from data_prep.sources import select
 from dtm_ds import devices, distributed, faults
 from dtm_ds.checkpoint import Checkpointer
-from dtm_ds.config import build_config, coerce
+from dtm_ds.config import build_config
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.devices import cap_workers, to_device
 from dtm_ds.engine import (
@@ -43,6 +42,7 @@ from dtm_ds.engine import (
     stop_on_signals,
 )
 from dtm_ds.logs import RunLog
+from dtm_ds.options import parse_options
 from dtm_ds.pretrained import encoder_config
 from dtm_ds.seeds import seed_of
 from eval.classifier import ListingImages, build_classifier, hit_counts, load_pretrained
@@ -332,18 +332,13 @@ def main(
         raise ValueError("--encoder is required (a pretraining run folder or an export)")
     if data is None and not print_config:
         raise ValueError("--data is required (the dataset root or a data_prep source)")
-    job_types = {f.name: f.type for f in dataclasses.fields(Job)}
-    recipe_types = {f.name: f.type for f in dataclasses.fields(Recipe)}
-    job = {k: coerce(k, v, job_types[k]) for k, v in options.items() if k in job_types}
-    tweaks = {k.removeprefix("recipe."): v for k, v in options.items() if k not in job_types}
-    unknown = sorted(set(tweaks) - set(recipe_types))
-    if unknown:
-        names = [*job_types, *(f"recipe.{k}" for k in recipe_types)]
-        close = {k: difflib.get_close_matches(k, names, 1, 0.7) or difflib.get_close_matches(f"recipe.{k}", names, 1)
-                 for k in unknown}  # fmt: skip
-        hints = "; ".join(f"{k!r}: did you mean {v[0]!r}?" for k, v in close.items() if v)
-        raise ValueError(f"unknown options {unknown}{'; ' + hints if hints else ''} (--help lists them)")
-    tweaks = {k: coerce(f"recipe.{k}", v, recipe_types[k]) for k, v in tweaks.items()}
+    kinds = {f.name: f.type for f in dataclasses.fields(Job)} | {
+        f"recipe.{f.name}": f.type for f in dataclasses.fields(Recipe)
+    }
+    named = {k if k in kinds or f"recipe.{k}" not in kinds else f"recipe.{k}": v for k, v in options.items()}
+    parsed = parse_options(named, kinds)  # a recipe field may be given without its prefix
+    job = {k: v for k, v in parsed.items() if not k.startswith("recipe.")}
+    tweaks = {k.removeprefix("recipe."): v for k, v in parsed.items() if k.startswith("recipe.")}
     job = Job(encoder, dataset, data, **job)
     architecture = encoder_config(encoder) if encoder else build_config(model).model
     recipe = dataclasses.replace(recipe_for(dataset, architecture.depth), **tweaks)

@@ -98,6 +98,8 @@ MUTANTS = [
     Mutant("record: the teacher width not recorded", "dtm_ds/train.py",
            "model=dataclasses.replace(config.model, target_dim=teacher.dim)",
            "model=dataclasses.replace(config.model, target_dim=None)", f"{TRAIN} -k teacher_width"),
+    Mutant("options: initials ignored", "dtm_ds/options.py", "1.5 if last == initials else ratio", "ratio",
+           "tests/test_cli.py -k one_option_parser"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

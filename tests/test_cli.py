@@ -136,3 +136,23 @@ def test_deepspeed_keys_cover_what_deepspeed_reads():
 
     DeepSpeedConfig(Recording(json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())))
     assert Recording.seen - DEEPSPEED_KEYS == set() and len(Recording.seen) > 40
+
+
+def test_the_one_option_parser_converts_and_suggests():
+    """dtm_ds/options.py serves every entrypoint: types converted as fire cannot (text to bool, int to float,
+    a list to a tuple), unknown names listed together, each with the names it may mean."""
+    from dtm_ds.options import parse_options, suggest
+
+    kinds = {"optim.lr": float, "optim.epochs": int, "run.cuda_graph": bool, "optim.betas": tuple[float, float]}
+    got = parse_options({"optim.lr": 1, "run.cuda_graph": "false", "optim.betas": [0.9, 0.95]}, kinds)
+    assert got == {"optim.lr": 1.0, "run.cuda_graph": False, "optim.betas": (0.9, 0.95)}
+    assert type(got["optim.lr"]) is float
+    assert suggest("model.epochs", kinds) == ["optim.epochs"]  # the same field in another section
+    assert suggest("optim.learning_rate", kinds) == ["optim.lr"]  # initials
+    assert suggest("optim.epoch", kinds) == ["optim.epochs"] and suggest("optim.zzz", kinds) == []
+    with pytest.raises(
+        ValueError, match=r"unknown options \['a.epoch', 'b'\]; 'a.epoch': did you mean 'optim.epochs'\? "
+    ):
+        parse_options({"a.epoch": 1, "b": 2}, kinds)
+    with pytest.raises(ValueError, match=r"optim.epochs expects int, got 1.5"):
+        parse_options({"optim.epochs": 1.5}, kinds)

@@ -146,7 +146,9 @@ def test_teacher_and_config_errors(tiny_clip, tmp_path):
         build_teacher(TeacherConfig(name="clip:dtm-test-clip", weights=str(tmp_path / "bad.pt")), tiny.model, cpu)
     with pytest.raises(ValueError, match="unknown model preset 'vitx'"):
         build_config("vitx")
-    with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
+    with pytest.raises(
+        ValueError, match=r"unknown config keys \['optim.lrr'\]; 'optim.lrr': did you mean 'optim.lr'\?"
+    ):
         build_config("tiny", {"optim.lrr": 1.0})
     with pytest.raises(ValueError, match="dtm.n_max .* exceeds the 64 tokens"):
         build_config("tiny", {"dtm.n_max": [65, 65]})

@@ -255,20 +255,14 @@ def resolved_settings(cfg) -> dict:
 
 def _check_flags(flags: dict) -> dict:
     """``build_cfg``'s flags, each checked against its annotation; unknown ones with a suggestion."""
-    import difflib
     import inspect
 
-    from dtm_ds.config import coerce
+    from dtm_ds.options import parse_options
 
     params = inspect.signature(build_cfg).parameters
-    kinds = {k: p.annotation for k, p in params.items() if k not in ("data", "output_dir")}
-    unknown = sorted(set(flags) - set(kinds))
-    if unknown:
-        hints = "".join(
-            f"; {k!r}: did you mean {m[0]!r}?" for k in unknown if (m := difflib.get_close_matches(k, kinds, 1))
-        )
-        raise ValueError(f"unknown flags {unknown}{hints} (--help lists them)")
-    return {k: coerce(k, v, kinds[k]) for k, v in flags.items()}
+    return parse_options(
+        flags, {k: p.annotation for k, p in params.items() if k not in ("data", "output_dir")}, "flags"
+    )
 
 
 def describe() -> str:

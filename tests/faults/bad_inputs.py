@@ -80,7 +80,7 @@ def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
         ("data_prep.write_ffcv", "list file names a missing image", lambda: convert(str(tmp / "list.txt"), str(tmp / "o.beton"), max_bad=0), "gone.jpg: FileNotFoundError"),
         ("data_prep.write_ffcv", "unknown --dataset", lambda: convert(str(imgs), str(tmp / "o.beton"), dataset="cubb"), "unknown dataset 'cubb'"),
         ("dtm_ds/train.py", "unknown model preset", lambda: pretrain(**(pre | {"model": "vitx"})), "unknown model preset 'vitx'"),
-        ("dtm_ds/train.py", "unknown config key", lambda: pretrain(**pre, **{"optim.lrr": 1.0}), "unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("dtm_ds/train.py", "unknown config key", lambda: pretrain(**pre, **{"optim.lrr": 1.0}), "unknown config keys ['optim.lrr']; 'optim.lrr': did you mean 'optim.lr'?"),
         ("dtm_ds/train.py", "DeepSpeed JSON missing", lambda: pretrain(**(pre | {"ds_config": str(tmp / "no.json")}), **data), "no.json does not exist (see ds_configs/)"),
         ("dtm_ds/train.py", "DeepSpeed JSON not JSON", lambda: pretrain(**(pre | {"ds_config": str(tmp / "list.txt")}), **data), "list.txt is not valid JSON"),
         ("dtm_ds/train.py", "train_batch_size != micro x accum x world", lambda: pretrain(**(pre | {"ds_config": _ds(tmp / "b.json", train_batch_size=24)}), **data), "b.json = 24 but micro batch 8 x accumulation 1 x world 1 = 8"),
