@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from dtm_ds.files import write_atomic
+
 __all__ = [
     "CHECKPOINTS", "COMPLETE", "STAGING", "UNIVERSAL", "CheckpointError", "Checkpointer", "Resume",
     "checkpoint_dir", "is_complete", "latest_tag", "weights_only",
@@ -66,15 +68,6 @@ def is_complete(tag_dir: Path) -> bool:
         return all((tag_dir / name).stat().st_size == size for name, size in record["files"].items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, unreadable or malformed
         return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def checkpoint_step(output_dir: str | Path, tag: str) -> int:
@@ -149,7 +142,7 @@ def save(
     if rank0:
         _publish(staging, folder / tag, step)
         if tag != "best":
-            _write_atomic(folder / "latest", tag)  # DeepSpeed's pointer, for its own tools (zero_to_fp32)
+            write_atomic(folder / "latest", tag)  # DeepSpeed's pointer, for its own tools (zero_to_fp32)
             tags = sorted(p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name <= tag)
             complete = [p for p in tags if is_complete(p)]
             for old in [p for p in tags if p not in complete] + complete[:-keep_last]:
@@ -164,7 +157,7 @@ def _publish(staging: Path, tag_dir: Path, step: int) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _write_atomic(staging / COMPLETE, json.dumps({"step": step, "files": _sizes(staging)}))
+    write_atomic(staging / COMPLETE, json.dumps({"step": step, "files": _sizes(staging)}))
     old = tag_dir.with_name(f"{STAGING}old-{tag_dir.name}")
     if tag_dir.exists():
         os.rename(tag_dir, old)

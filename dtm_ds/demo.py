@@ -13,7 +13,7 @@ from pathlib import Path
 
 import fire
 
-ROOT = Path(__file__).resolve().parents[1]
+from dtm_ds.files import ROOT
 
 
 def _run(*args: str) -> None:

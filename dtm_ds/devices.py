@@ -10,11 +10,11 @@
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from dtm_ds.files import ROOT
+
 ACCELERATORS = ("cuda", "cpu")
 DS_CONFIGS = {"cuda": "ds_configs/zero2_bf16.json", "cpu": "ds_configs/cpu.json"}
 """The DeepSpeed JSON of a run that names none, per accelerator (relative to the repository root)."""

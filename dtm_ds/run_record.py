@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dtm_ds.config import WRITTEN_BEFORE, Config
 from dtm_ds.engine import engine_dtype
+from dtm_ds.files import write_atomic
 
 MAY_CHANGE = frozenset(
     {
@@ -76,8 +77,8 @@ def check_and_record(config: Config, ds_config: dict, world: int, write: bool = 
         )
     if write:
         folder.mkdir(parents=True, exist_ok=True)
-        _write(folder / "config.json", config.to_dict())
-        _write(folder / "engine.json", layout)
+        write_atomic(folder / "config.json", json.dumps(config.to_dict(), indent=2))
+        write_atomic(folder / "engine.json", json.dumps(layout, indent=2))
     return previous
 
 
@@ -107,12 +108,6 @@ def _read(path: Path) -> dict | None:
         return None
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); restore it or use a new --output_dir") from err
-
-
-def _write(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def resolved_settings(config: Config, preset: str, ds_config: str, world: int | None = None) -> dict:

@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from dtm_ds.files import ROOT, write_atomic
+
 PAPER = {
     ("imagenet", "vitb"): 85.4,
     ("imagenet", "vitl"): 86.7,
@@ -179,9 +180,7 @@ def write_results(out_dir: Path, model: str, results: dict) -> None:
             paper = _num(PAPER.get((name, model)))
             rows.append(f"| {name} | {name} top-1 (best) | {_num(result.get('best_top1'))} | {paper} |")
     text = f"# DTM reproduction: {model}\n\n" + "\n".join(rows) + "\n"
-    tmp = out_dir / ".results.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out_dir / "results.md")
+    write_atomic(out_dir / "results.md", text)
 
 
 def _num(value) -> str:
