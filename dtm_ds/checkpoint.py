@@ -70,7 +70,7 @@ def is_complete(tag_dir: Path) -> bool:
         return False
 
 
-def checkpoint_step(output_dir: str | Path, tag: str) -> int:
+def _checkpoint_step(output_dir: str | Path, tag: str) -> int:
     """The step a complete checkpoint recorded."""
     return int(json.loads((checkpoint_dir(output_dir) / tag / COMPLETE).read_text())["step"])
 
@@ -177,12 +177,12 @@ def _fsync_dir(path: Path) -> None:
 UNIVERSAL = ".universal-"
 
 
-def zero_ranks(output_dir: str | Path, tag: str) -> int:
+def _zero_ranks(output_dir: str | Path, tag: str) -> int:
     """The number of ranks a ZeRO checkpoint partitioned its optimizer state over (0 at stage 0)."""
     return len(list((checkpoint_dir(output_dir) / tag).glob("*zero_pp_rank_*_optim_states.pt")))
 
 
-def to_universal(output_dir: str | Path, tag: str) -> str:
+def _to_universal(output_dir: str | Path, tag: str) -> str:
     """Rank 0: convert ZeRO checkpoint ``tag`` into DeepSpeed's universal format (optimizer state per
     parameter, not per rank) in ``.universal-<tag>``, which an engine with ``checkpoint.load_universal``
     loads on any number of ranks. Returns the converted tag; raises ``CheckpointError`` when DeepSpeed
@@ -262,7 +262,7 @@ class Checkpointer:
     def latest(self) -> tuple[str | None, int]:
         """The newest complete checkpoint of this prefix and its step (None, 0 when there is none)."""
         tag = latest_tag(self.output_dir, self.prefix)
-        return tag, checkpoint_step(self.output_dir, tag) if tag else 0
+        return tag, _checkpoint_step(self.output_dir, tag) if tag else 0
 
     def plan(self, ds_config: dict, world: int, max_steps: int | None = None) -> Resume:
         """Where to start on ``world`` ranks. A run already at ``max_steps`` is returned as is (nothing is
@@ -272,7 +272,7 @@ class Checkpointer:
         from dtm_ds import distributed
 
         tag, step = self.latest()
-        saved_on = zero_ranks(self.output_dir, tag) if tag else 0
+        saved_on = _zero_ranks(self.output_dir, tag) if tag else 0
         if saved_on in (0, world) or (max_steps is not None and step >= max_steps):
             return Resume(tag, step)
         if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
@@ -282,7 +282,7 @@ class Checkpointer:
                 f"2e-5 after one step on the tiny preset). Resume on {saved_on} ranks, or use ZeRO-1/2 for runs "
                 "that change size"
             )
-        return Resume(distributed.on_rank0(lambda: to_universal(self.output_dir, tag)), step, universal=True)
+        return Resume(distributed.on_rank0(lambda: _to_universal(self.output_dir, tag)), step, universal=True)
 
     def load(self, engine, resume: Resume) -> dict:
         """Load ``resume``'s checkpoint into ``engine`` (weights-only unpickling); its client state."""

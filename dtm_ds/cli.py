@@ -39,7 +39,7 @@ def run(main: Callable, describe: Callable[[], str], exit_at_once: bool = False)
     try:
         fire.Fire(main, serialize=lambda result: None)
     except Exception as err:
-        if os.environ.get("DTM_TRACEBACK") or not is_user_error(err):
+        if os.environ.get("DTM_TRACEBACK") or not _is_user_error(err):
             raise
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -50,7 +50,7 @@ def run(main: Callable, describe: Callable[[], str], exit_at_once: bool = False)
         os._exit(0)
 
 
-def is_user_error(err: BaseException) -> bool:
+def _is_user_error(err: BaseException) -> bool:
     """A user error: raised by this repository's own code (not a library's), of a user-error type."""
     from dtm_ds.checkpoint import CheckpointError
 
@@ -61,7 +61,7 @@ def is_user_error(err: BaseException) -> bool:
     return ROOT in origin.parents and ".venv" not in origin.parts
 
 
-def field_docs(cls) -> dict[str, str]:
+def _field_docs(cls) -> dict[str, str]:
     """The docstring under each field of a dataclass (the string literal that follows it)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body, docs = tree.body[0].body, {}
@@ -73,7 +73,7 @@ def field_docs(cls) -> dict[str, str]:
 
 def dataclass_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(flag, type, default, doc) of every field of ``cls``."""
-    docs, rows = field_docs(cls), []
+    docs, rows = _field_docs(cls), []
     for f in dataclasses.fields(cls):
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)
@@ -88,7 +88,7 @@ def dataclass_rows(cls, prefix: str = "") -> list[tuple[str, str, str, str]]:
 def function_rows(fn: Callable, skip: tuple[str, ...] = ()) -> list[tuple[str, str, str, str]]:
     """(flag, type, default, doc) of every named parameter of ``fn``, described by its docstring's
     ``Args:`` section."""
-    docs, rows = arg_docs(fn), []
+    docs, rows = _arg_docs(fn), []
     for name, p in inspect.signature(fn).parameters.items():
         if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or name in skip:
             continue
@@ -97,7 +97,7 @@ def function_rows(fn: Callable, skip: tuple[str, ...] = ()) -> list[tuple[str, s
     return rows
 
 
-def arg_docs(fn: Callable) -> dict[str, str]:
+def _arg_docs(fn: Callable) -> dict[str, str]:
     """``{name: description}`` from a Google-style ``Args:`` section (continuation lines indented deeper)."""
     lines, docs, name, inside = inspect.getdoc(fn).splitlines(), {}, None, False
     for line in lines:

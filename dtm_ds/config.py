@@ -283,10 +283,10 @@ def build_config(preset: str = "vitb", overrides: dict[str, Any] | None = None) 
     for key, value in parse_options(overrides or {}, kinds, "config keys").items():
         section, _, name = key.partition(".")
         tree[section][name] = value
-    return from_dict(tree)
+    return _from_dict(tree)
 
 
-def from_dict(tree: dict[str, Any]) -> Config:
+def _from_dict(tree: dict[str, Any]) -> Config:
     unknown = set(tree) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; valid: {sorted(SECTIONS)}")
@@ -306,7 +306,7 @@ def load_config(path: str | Path) -> Config:
     tree = json.loads(Path(path).read_text())
     for section, old in WRITTEN_BEFORE.items():
         tree[section] = old | tree.get(section, {})
-    return from_dict(tree)
+    return _from_dict(tree)
 
 
 def model_config(values: dict[str, Any]) -> ModelConfig:

@@ -31,7 +31,7 @@ def init(local_rank: int | None = None, timeout_s: float = 600) -> torch.device:
     A collective that waits ``timeout_s`` for a rank that hangs raises instead of blocking forever (a rank
     that dies is noticed at once: its connections close).
     """
-    from_slurm()
+    _from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", str(local_rank or 0))
@@ -84,7 +84,7 @@ def _announce_op_build() -> None:
               flush=True)  # fmt: skip
 
 
-def from_slurm(env: dict | None = None) -> dict:
+def _from_slurm(env: dict | None = None) -> dict:
     """Map an ``srun`` task's SLURM variables to torch's (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) when
     no launcher set them; MASTER_ADDR is the first host of the job (``scontrol show hostnames``)."""
     env = os.environ if env is None else env

@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "DEEPSPEED_KEYS", "Window", "WindowAdamW", "Windows", "build_engine", "engine_config", "engine_dtype",
-    "grad_norms", "ignore_stop_signals", "local_grad_norm", "lr_factor", "no_decay_names", "param_groups",
+    "grad_norms", "ignore_stop_signals", "lr_factor", "no_decay_names", "param_groups",
     "set_lr", "stop_on_signals",
 ]  # fmt: skip
 
@@ -43,7 +43,7 @@ DEEPSPEED_KEYS = frozenset(_KEYS.split())
 """Top-level keys DeepSpeed 0.19 reads (tests/test_cli.py checks the list against DeepSpeedConfig)."""
 
 
-def check_keys(path: str, cfg: dict) -> None:
+def _check_keys(path: str, cfg: dict) -> None:
     """A misspelt top-level key (``zero_optimisation``) is an error naming it and the key it resembles;
     other unknown keys, which DeepSpeed ignores, a warning listing them. Keys starting with ``_`` are
     comments."""
@@ -66,7 +66,7 @@ def engine_config(path: str, world: int, batch_size: int | None, batch_name: str
         raise ValueError(f"DeepSpeed config {path} is not valid JSON ({err})") from err
     if not isinstance(cfg, dict):
         raise ValueError(f"DeepSpeed config {path} must hold a JSON object, got {type(cfg).__name__}")
-    check_keys(path, cfg)
+    _check_keys(path, cfg)
     micro, accum = cfg.get("train_micro_batch_size_per_gpu"), cfg.get("gradient_accumulation_steps", 1)
     if not isinstance(micro, int) or micro < 1:
         raise ValueError(f"{path}: train_micro_batch_size_per_gpu must be a positive integer, got {micro!r}")
@@ -168,7 +168,7 @@ class Windows:
             self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
             value_sum, last = value_sum + value.detach(), m == self.accum - 1
             if last and want_norm and not dropped:
-                local_norm = local_grad_norm(self.engine)  # before the step clears the gradients
+                local_norm = _local_grad_norm(self.engine)  # before the step clears the gradients
             if clock is not None:
                 clock("time_student")
             self.optimizer.skip_next = last and dropped
@@ -204,12 +204,12 @@ def build_engine(model: torch.nn.Module, groups: list[dict], ds_config: dict, be
     import deepspeed
 
     optimizer = WindowAdamW(groups, lr=0.0, betas=tuple(betas), eps=eps)
-    cast_float_buffers(model, engine_dtype(ds_config))
+    _cast_float_buffers(model, engine_dtype(ds_config))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer
 
 
-def cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
+def _cast_float_buffers(module: torch.nn.Module, dtype: torch.dtype) -> None:
     """DeepSpeed's bf16/fp16 modes cast parameters only; float buffers (timm BEiT's zero ``k_bias``) must
     follow, or attention mixes dtypes."""
     for buffer in module.buffers():
@@ -226,7 +226,7 @@ def engine_dtype(ds_config: dict) -> torch.dtype:
     return torch.float32
 
 
-def local_grad_norm(engine) -> torch.Tensor | None:
+def _local_grad_norm(engine) -> torch.Tensor | None:
     """This rank's gradient norm where DeepSpeed reports none (stage 0 in fp32); call before ``step()``."""
     if engine.zero_optimization_stage() != 0:
         return None

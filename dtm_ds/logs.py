@@ -47,7 +47,7 @@ class RunLog:
             values |= {"tokens_per_s": tokens, "tokens_per_s_per_rank": tokens / world}
         if flops_per_image and self.peak:
             values["mfu"] = flops_per_image * img_s / (world * self.peak)
-        values |= process_usage()
+        values |= _process_usage()
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{img_s:.0f}")
         self.metrics.write(json.dumps({"step": step, **values}) + "\n")
@@ -126,7 +126,7 @@ def count_step_flops(teacher, model, target_dim: int, device: torch.device) -> f
     return float(counter.get_total_flops())
 
 
-def process_usage() -> dict[str, float]:
+def _process_usage() -> dict[str, float]:
     """Current resident memory (GiB) and open file descriptors of this process (Linux /proc; else empty)."""
     try:
         status = Path("/proc/self/status").read_text().splitlines()

@@ -15,7 +15,7 @@ from dtm_ds.checkpoint import checkpoint_dir, latest_tag, weights_only
 from dtm_ds.config import ModelConfig, load_config, model_config
 
 
-def is_run(path: str | Path) -> bool:
+def _is_run(path: str | Path) -> bool:
     """A run folder (else an export); an error naming the path when it is neither."""
     path = Path(path)
     if path.is_dir():
@@ -29,7 +29,7 @@ def is_run(path: str | Path) -> bool:
 
 def encoder_config(path: str | Path) -> ModelConfig:
     """The student architecture of a run folder or an export."""
-    if is_run(path):
+    if _is_run(path):
         return load_config(Path(path) / "config.json").model
     return model_config(json.loads(Path(f"{path}.json").read_text())["model"])
 
@@ -42,7 +42,7 @@ def target_dim(run_dir: str | Path) -> int:
     return dim
 
 
-def student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+def _student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """Full fp32 student state dict from a run's checkpoint (any ZeRO stage), on CPU."""
     folder = checkpoint_dir(output_dir)
     tag = tag or latest_tag(output_dir)
@@ -65,7 +65,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
     from dtm_ds.student import DTMStudent
 
     config = load_config(Path(run_dir) / "config.json")
-    state = student_state(run_dir, tag)
+    state = _student_state(run_dir, tag)
     student = DTMStudent(config.model, target_dim(run_dir))
     student.load_state_dict(state)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
     return out
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file (exports), or a torch file loaded with ``weights_only=True``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -90,13 +90,13 @@ def load_student(path: str | Path):
     from dtm_ds.student import DTMStudent
 
     path = Path(path)
-    if is_run(path):
-        state = student_state(path)
+    if _is_run(path):
+        state = _student_state(path)
         student = DTMStudent(encoder_config(path), target_dim(path))
         student.load_state_dict(state)
         return student
     student = DTMStudent(encoder_config(path), 1)
-    missing, unexpected = student.load_state_dict(read_weights(path), strict=False)
+    missing, unexpected = student.load_state_dict(_read_weights(path), strict=False)
     if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
         raise ValueError(
             f"{path} does not fit the student of {path}.json: missing {missing[:5]}, unexpected {unexpected[:5]}"

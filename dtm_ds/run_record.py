@@ -36,7 +36,7 @@ MAY_CHANGE = frozenset(
 """Config fields that may differ from the run folder's ``config.json`` on a re-run."""
 
 
-def engine_layout(ds_config: dict, world: int) -> dict:
+def _engine_layout(ds_config: dict, world: int) -> dict:
     """The engine facts a resume depends on."""
     return {
         "train_batch_size": ds_config["train_batch_size"],
@@ -55,12 +55,12 @@ RESOLVED_AT_START = frozenset({"model.target_dim"})
 ENGINE_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_stage", "dtype", "gradient_clipping")
 
 
-def check_and_record(config: Config, ds_config: dict, world: int, write: bool = True) -> dict | None:
-    """Raise ``ValueError`` naming every field that differs from the folder's records; then, when ``write``
-    (rank 0 of a run with work to do), write them. Returns the previous engine layout (None: a new folder).
-    A field the run resolves when it starts (``RESOLVED_AT_START``) is compared only once it is set."""
+def check_records(config: Config, ds_config: dict, world: int) -> dict | None:
+    """Raise ``ValueError`` naming every field that differs from the run folder's records (nothing is written).
+    Returns the previous engine layout (None: a new folder). A field the run resolves when it starts
+    (``RESOLVED_AT_START``) is compared only once it is set."""
     folder = Path(config.run.output_dir)
-    layout = engine_layout(ds_config, world)
+    layout = _engine_layout(ds_config, world)
     previous = _read(folder / "engine.json")
     differences = _config_differences(_read(folder / "config.json"), config.to_dict())
     if previous is not None:
@@ -75,11 +75,16 @@ def check_and_record(config: Config, ds_config: dict, world: int, write: bool = 
             + "\n  ".join(differences)
             + f"\nFields that may change: {', '.join(sorted(MAY_CHANGE))}. To start afresh, use a new --output_dir."
         )
-    if write:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "config.json", json.dumps(config.to_dict(), indent=2))
-        write_atomic(folder / "engine.json", json.dumps(layout, indent=2))
     return previous
+
+
+def write_records(config: Config, ds_config: dict, world: int) -> None:
+    """Rank 0 of a run with work to do: check the folder's records (``check_records``), then write them."""
+    check_records(config, ds_config, world)
+    folder = Path(config.run.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "config.json", json.dumps(config.to_dict(), indent=2))
+    write_atomic(folder / "engine.json", json.dumps(_engine_layout(ds_config, world), indent=2))
 
 
 def _config_differences(old: dict | None, new: dict) -> list[str]:
@@ -121,7 +126,7 @@ def resolved_settings(config: Config, preset: str, ds_config: str, world: int | 
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     accel = accelerator()
 
-    engine = engine_layout(engine_config(ds_config, world, config.optim.batch_size), world)
+    engine = _engine_layout(engine_config(ds_config, world, config.optim.batch_size), world)
     peak = config.optim.peak_lr(engine["train_batch_size"])
     derived = {"peak_lr": peak, "peak_lr_rule": f"optim.lr {config.optim.lr:g} x sqrt(global batch / 2048)"}
     derived |= {"accelerator": accel, "teacher_precision": {a: precision(config.teacher, a) for a in ("cuda", "cpu")}}

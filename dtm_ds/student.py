@@ -38,7 +38,7 @@ class DTMStudent(Beit):
         nn.init.trunc_normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
         if cfg.init == "reference":
-            reference_init(self)
+            _reference_init(self)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -67,7 +67,7 @@ class DTMStudent(Beit):
 
 
 @torch.no_grad()
-def reference_init(model: Beit, std: float = 0.02) -> None:
+def _reference_init(model: Beit, std: float = 0.02) -> None:
     """The reference's init (models/modeling_dtm.py): every linear and convolution weight, the CLS and mask
     tokens drawn from a normal of ``std`` truncated at +-std (an effective std of about 0.54 std), biases
     zero, then BEiT's rescale of each block's output projections by 1 / sqrt(2 * block number). Norms

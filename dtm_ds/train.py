@@ -44,7 +44,7 @@ from dtm_ds.engine import (
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
 from dtm_ds.morph import morphed_loss, sample_schedule
-from dtm_ds.run_record import check_and_record, resolved_settings
+from dtm_ds.run_record import check_records, resolved_settings, write_records
 from dtm_ds.seeds import seed_of
 from dtm_ds.student import DTMStudent
 from dtm_ds.teacher import build_teacher
@@ -269,7 +269,8 @@ def main(
             print(finished_message(out, start.step, schedule.max_steps), flush=True)
         return
     parts = build(config, start.engine_config(engine_cfg), device, loader, schedule)  # errors: nothing written yet
-    check_and_record(parts.config, engine_cfg, world, write=rank0)  # with the teacher's width
+    if rank0:
+        write_records(parts.config, engine_cfg, world)  # with the teacher's width
     if rank0:
         print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", parts.schedule), flush=True)
     state = resume(parts, saver, start)
@@ -293,7 +294,7 @@ def check_inputs(config: Config, ds_path: str, world: int) -> dict:
     engine_cfg = engine_config(ds_path, world, config.optim.batch_size)
     check_source(loader_spec(config, engine_cfg, 0, world))
     check_teacher_files(config.teacher)
-    check_and_record(config, engine_cfg, world, write=False)  # nothing is written before this
+    check_records(config, engine_cfg, world)
     return engine_cfg
 
 

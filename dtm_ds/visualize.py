@@ -22,7 +22,7 @@ def group_colours(groups: torch.Tensor) -> torch.Tensor:
     return (value - value * saturation * (torch.minimum(k, 4 - k).clamp(0, 1))).float()  # HSV -> RGB
 
 
-def boundaries(groups: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
+def _boundaries(groups: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     """[B, N] group ids on a ``grid`` x ``grid`` patch layout -> bool [B, grid*patch, grid*patch]: the
     last pixel column (row) of every patch whose right (lower) neighbour is in another group."""
     ids = groups.view(-1, grid, grid)
@@ -44,7 +44,7 @@ def paint_groups(pixels: torch.Tensor, groups: torch.Tensor, patch: int) -> torc
     colour = colour.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
     grey = (0.299 * pixels[:, 0:1] + 0.587 * pixels[:, 1:2] + 0.114 * pixels[:, 2:3]).expand(-1, 3, -1, -1)
     painted = 0.45 * grey + 0.55 * colour
-    return torch.where(boundaries(groups, grid, patch).unsqueeze(1), torch.ones_like(painted), painted)
+    return torch.where(_boundaries(groups, grid, patch).unsqueeze(1), torch.ones_like(painted), painted)
 
 
 def morph_figure(images: torch.Tensor, teacher, config: Config, schedule: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ _M32 = 4294967296
 
 
 @njit(cache=True)
-def hash32(x: int) -> int:
+def _hash32(x: int) -> int:
     """Integer mixer on 32 bits (xor-shift-multiply); x >= 0."""
     x = x % _M32
     x = ((x >> 16) ^ x) * 0x45D9F3B % _M32
@@ -24,12 +24,12 @@ def hash32(x: int) -> int:
 @njit(cache=True)
 def sample_key(seed: int, sample: int, first: int, last: int) -> int:
     """Key of a sample: its id and the first/last ids of its batch (so it changes between epochs)."""
-    return hash32(hash32(hash32(hash32(seed) + sample) + first) + last)
+    return _hash32(_hash32(_hash32(_hash32(seed) + sample) + first) + last)
 
 
 @njit(cache=True)
 def _uniform(key: int, k: int) -> float:
-    return hash32(key + k * 0x9E3779B9) / _M32
+    return _hash32(key + k * 0x9E3779B9) / _M32
 
 
 @njit(cache=True)
