@@ -23,6 +23,8 @@ from pathlib import Path
 
 from dtm_ds.files import ROOT
 
+__all__ = ["USER_ERRORS", "dataclass_rows", "describe", "describe_config", "function_rows", "run"]
+
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 

@@ -14,6 +14,22 @@ from typing import Any
 from dtm_ds.morph import LOSSES
 from dtm_ds.options import parse_options
 
+__all__ = [
+    "Config",
+    "DTMConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PRESETS",
+    "RunConfig",
+    "SECTIONS",
+    "TeacherConfig",
+    "WRITTEN_BEFORE",
+    "build_config",
+    "load_config",
+    "model_config",
+]
+
 
 @dataclass
 class ModelConfig:

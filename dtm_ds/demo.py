@@ -15,6 +15,8 @@ import fire
 
 from dtm_ds.files import ROOT
 
+__all__ = ["main"]
+
 
 def _run(*args: str) -> None:
     print("+", " ".join(args), flush=True)

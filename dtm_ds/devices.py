@@ -15,6 +15,18 @@ import torch
 
 from dtm_ds.files import ROOT
 
+__all__ = [
+    "ACCELERATORS",
+    "DS_CONFIGS",
+    "accelerator",
+    "cap_workers",
+    "default_ds_config",
+    "local_ranks",
+    "resolve_ds_config",
+    "to_device",
+    "usable_cores",
+]
+
 ACCELERATORS = ("cuda", "cpu")
 DS_CONFIGS = {"cuda": "ds_configs/zero2_bf16.json", "cpu": "ds_configs/cpu.json"}
 """The DeepSpeed JSON of a run that names none, per accelerator (relative to the repository root)."""

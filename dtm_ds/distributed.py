@@ -15,6 +15,26 @@ import torch
 from dtm_ds import devices
 from dtm_ds.devices import ROOT
 
+__all__ = [
+    "Watchdog",
+    "agree",
+    "backend",
+    "barrier",
+    "check_world",
+    "close",
+    "comm_device",
+    "gather_rows",
+    "init",
+    "init_plain",
+    "lost_peer",
+    "mean_tensor",
+    "on_rank0",
+    "planned_world",
+    "rank",
+    "sum_tensor",
+    "world",
+]
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -19,6 +19,8 @@ from functools import cache
 
 import torch
 
+__all__ = ["arm_checkpoint_kill", "dump", "nan_loss", "stop_signal"]
+
 
 @cache
 def _faults() -> dict:

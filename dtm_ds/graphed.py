@@ -10,6 +10,8 @@ from torch import Tensor
 
 from dtm_ds.morph import Morphed, morph_levels
 
+__all__ = ["GraphedMorph"]
+
 
 class GraphedMorph:
     """``morphed = GraphedMorph()(targets [B, N, D], schedule [L, K])``, as ``morph_levels`` returns it."""

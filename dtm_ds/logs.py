@@ -13,6 +13,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+__all__ = [
+    "Clock",
+    "MEMORY_FIELDS",
+    "PEAK_BF16",
+    "RunLog",
+    "count_step_flops",
+    "device_peak_flops",
+    "memory_gib",
+    "step_flops",
+    "step_values",
+]
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 """Dense bf16 peak FLOP/s per device (vendor data sheets); MFU is logged for these devices only."""
 

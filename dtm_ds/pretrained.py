@@ -14,6 +14,8 @@ import torch
 from dtm_ds.checkpoint import checkpoint_dir, latest_tag, weights_only
 from dtm_ds.config import ModelConfig, load_config, model_config
 
+__all__ = ["encoder_config", "export", "load_student", "target_dim"]
+
 
 def _is_run(path: str | Path) -> bool:
     """A run folder (else an export); an error naming the path when it is neither."""

@@ -15,6 +15,15 @@ from dtm_ds.config import WRITTEN_BEFORE, Config
 from dtm_ds.engine import engine_dtype
 from dtm_ds.files import write_atomic
 
+__all__ = [
+    "ENGINE_MUST_MATCH",
+    "MAY_CHANGE",
+    "RESOLVED_AT_START",
+    "check_records",
+    "resolved_settings",
+    "write_records",
+]
+
 MAY_CHANGE = frozenset(
     {
         "run.output_dir",

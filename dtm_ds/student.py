@@ -6,6 +6,8 @@ from torch import nn
 
 from dtm_ds.config import ModelConfig
 
+__all__ = ["DTMStudent"]
+
 
 class DTMStudent(Beit):
     """timm ``Beit`` (relative position bias per ``cfg.rel_pos_bias``, no absolute position embedding,

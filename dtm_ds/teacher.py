@@ -11,6 +11,18 @@ from torch import nn
 from dtm_ds.config import ModelConfig, TeacherConfig
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ClipTeacher",
+    "PixelTeacher",
+    "Teacher",
+    "TokenTeacher",
+    "build_teacher",
+    "check_files",
+    "precision",
+]
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

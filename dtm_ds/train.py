@@ -52,6 +52,23 @@ from dtm_ds.teacher import check_files as check_teacher_files
 from dtm_ds.teacher import precision as teacher_precision
 from dtm_ds.visualize import morph_figure
 
+__all__ = [
+    "Parts",
+    "Schedule",
+    "TrainState",
+    "build",
+    "check_inputs",
+    "dtm_schedule",
+    "finished_message",
+    "fit",
+    "lost_peer_message",
+    "main",
+    "resume",
+    "save",
+    "start_line",
+    "train_window",
+]
+
 
 @dataclass
 class TrainState:

@@ -10,6 +10,8 @@ from dtm_ds.config import Config
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.morph import morph_levels
 
+__all__ = ["GOLDEN", "group_colours", "morph_figure", "paint_groups", "picture_spec", "visualize"]
+
 GOLDEN = 0.6180339887498949
 
 

@@ -9,6 +9,8 @@ import math
 
 from numba import njit
 
+__all__ = ["crop_box", "sample_key"]
+
 _M32 = 4294967296
 
 

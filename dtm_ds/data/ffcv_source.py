@@ -13,6 +13,8 @@ from ffcv.traversal_order.base import TraversalOrder
 from dtm_ds.data.crops import crop_box, sample_key
 from dtm_ds.data.spec import LoaderSpec, check_beton
 
+__all__ = ["FFCVSource", "SeededRandomResizedCrop"]
+
 
 class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
     """FFCV's RandomResizedCrop decoder with the box drawn from the sample's key (dtm_ds.data.crops) instead of

@@ -11,6 +11,8 @@ from data_prep.sources import detect
 from dtm_ds.data.crops import crop_box, sample_key
 from dtm_ds.data.spec import LoaderSpec
 
+__all__ = ["FolderSource"]
+
 
 class _CropDataset(Dataset):
     def __init__(self, spec: LoaderSpec):

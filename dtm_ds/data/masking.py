@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = ["BlockMasking"]
+
 
 @dataclass(frozen=True)
 class BlockMasking:
