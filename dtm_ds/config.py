@@ -24,7 +24,6 @@ __all__ = [
     "RunConfig",
     "SECTIONS",
     "TeacherConfig",
-    "WRITTEN_BEFORE",
     "build_config",
     "load_config",
     "model_config",
@@ -311,20 +310,24 @@ def _from_dict(tree: dict[str, Any]) -> Config:
     return Config(**parts)
 
 
-WRITTEN_BEFORE = {
-    "model": {"rel_pos_bias": "shared", "init": "timm"},
-    "teacher": {"input_norm": "own", "weights_dtype": "compute"},
-}
-"""What a config.json written before a field existed meant by leaving it out (the defaults then)."""
-
-
 def load_config(path: str | Path) -> Config:
+    """A run's recorded config (its config.json); one written by an earlier dtm_ds, without a field this version
+    has, is an error naming the fields (what it meant by leaving them out is not guessed)."""
     tree = json.loads(Path(path).read_text())
-    for section, old in WRITTEN_BEFORE.items():
-        tree[section] = old | tree.get(section, {})
+    _check_recorded({s: tree.get(s, {}) for s in SECTIONS}, path)
     return _from_dict(tree)
 
 
-def model_config(values: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a recorded dict (an export's sidecar), with WRITTEN_BEFORE for missing fields."""
-    return ModelConfig(**(WRITTEN_BEFORE["model"] | values))
+def model_config(values: dict[str, Any], where: str | Path = "the model record") -> ModelConfig:
+    """A ModelConfig from a recorded dict (an export's sidecar), every field present."""
+    _check_recorded({"model": values}, where)
+    return ModelConfig(**values)
+
+
+def _check_recorded(tree: dict[str, dict], where) -> None:
+    missing = [f"{s}.{f.name}" for s in tree for f in dataclasses.fields(SECTIONS[s]) if f.name not in tree[s]]
+    if missing:
+        raise ValueError(
+            f"{where} records no {', '.join(missing)}: it was written by an earlier dtm_ds version; re-run or "
+            "re-export it with this one"
+        )

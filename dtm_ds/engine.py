@@ -12,6 +12,7 @@
   the skip flag, ``engine.step()``; ``stop_on_signals`` turns SIGTERM/SIGINT into the stop flag.
 """
 
+import contextlib
 import difflib
 import json
 import math
@@ -155,8 +156,10 @@ class Windows:
         self.micro, self.stop_requested = 0, False
 
     def run(self, loss_of: Callable, clock=None, want_norm: bool = False) -> Window:
+        """``clock`` (dtm_ds.logs.Clock): backward is timed as ``time_student``, the step as ``time_optimizer``."""
         from dtm_ds import distributed, faults
 
+        clock = clock or (lambda phase: contextlib.nullcontext())
         value_sum, dropped, stop, local_norm = 0.0, False, False, None
         for m in range(self.accum):
             loss, value = loss_of(m)
@@ -165,17 +168,15 @@ class Windows:
             faults.stop_signal(self.micro)
             nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
             dropped, stop = dropped or nonfinite, stop or stop_now
-            self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
             value_sum, last = value_sum + value.detach(), m == self.accum - 1
-            if last and want_norm and not dropped:
-                local_norm = _local_grad_norm(self.engine)  # before the step clears the gradients
-            if clock is not None:
-                clock("time_student")
-            self.optimizer.skip_next = last and dropped
-            self.engine.step()
-            self.optimizer.skip_next, self.micro = False, self.micro + 1
-            if clock is not None:
-                clock("time_optimizer")
+            with clock("time_student"):
+                self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
+                if last and want_norm and not dropped:
+                    local_norm = _local_grad_norm(self.engine)  # before the step clears the gradients
+            with clock("time_optimizer"):
+                self.optimizer.skip_next = last and dropped
+                self.engine.step()
+                self.optimizer.skip_next, self.micro = False, self.micro + 1
         return Window(value_sum, self.accum, dropped, stop, local_norm)
 
 

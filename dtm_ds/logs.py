@@ -5,6 +5,7 @@ warm-up lr of 3.0218e-06 reads back as 3.0218e-06. Lists (per parameter group, p
 metrics.jsonl whole and to TensorBoard as their min and max.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -83,28 +84,23 @@ class RunLog:
 
 
 class Clock:
-    """Accumulates wall time per phase; synchronises the device first when given one (else no-op)."""
+    """Wall time per phase of a window: ``with clock("time_teacher"): ...`` charges to its phase the time since
+    the previous block ended (so the blocks tile the window), after synchronising the device (``sync=False``:
+    host-side work). Off (``device`` None): the blocks only run their code."""
 
     def __init__(self, device: torch.device | None):
         self.device, self.times, self.last = device, {}, time.perf_counter()
 
-    def __call__(self, phase: str) -> None:
+    @contextlib.contextmanager
+    def __call__(self, phase: str, sync: bool = True):
+        yield
         if self.device is None:
             return
-        if self.device.type == "cuda":
+        if sync and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self.add(phase, now - self.last)
+        self.times[phase] = self.times.get(phase, 0.0) + now - self.last
         self.last = now
-
-    def host(self, phase: str) -> None:
-        """Charge the time since the last mark to ``phase`` without synchronising (host-side work)."""
-        self.add(phase, time.perf_counter() - self.last)
-
-    def add(self, phase: str, seconds: float) -> None:
-        if self.device is not None:
-            self.times[phase] = self.times.get(phase, 0.0) + seconds
-            self.last = time.perf_counter()
 
 
 def device_peak_flops() -> float | None:

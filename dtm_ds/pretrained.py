@@ -33,7 +33,7 @@ def encoder_config(path: str | Path) -> ModelConfig:
     """The student architecture of a run folder or an export."""
     if _is_run(path):
         return load_config(Path(path) / "config.json").model
-    return model_config(json.loads(Path(f"{path}.json").read_text())["model"])
+    return model_config(json.loads(Path(f"{path}.json").read_text())["model"], f"{path}.json")
 
 
 def target_dim(run_dir: str | Path) -> int:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from dtm_ds.config import WRITTEN_BEFORE, Config
+from dtm_ds.config import Config
 from dtm_ds.engine import engine_dtype
 from dtm_ds.files import write_atomic
 
@@ -103,8 +103,8 @@ def _config_differences(old: dict | None, new: dict) -> list[str]:
     for section, fields in new.items():
         for name, value in fields.items():
             key = f"{section}.{name}"
-            # a field this run's version did not record: what leaving it out meant then (else unchanged)
-            before = old.get(section, {}).get(name, WRITTEN_BEFORE.get(section, {}).get(name, value))
+            # a field the folder does not record (an earlier version) differs from any value
+            before = old.get(section, {}).get(name, "(not recorded: an earlier dtm_ds version)")
             unresolved = value is None and key in RESOLVED_AT_START
             if key not in MAY_CHANGE and not unresolved and _plain(before) != _plain(value):
                 out.append(f"{key}: {before!r} -> {value!r}")

@@ -160,18 +160,18 @@ def train_window(p: Parts, s: TrainState, batches, clock: Clock) -> tuple[Window
     window, rank, seen = s.step + s.skipped_windows, distributed.rank(), {}
 
     def loss_of(m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, chunk = next(batches), rank * accum + m
-        clock.host("time_data")
+        with clock("time_data", sync=False):
+            batch, chunk = next(batches), rank * accum + m
         torch.manual_seed(seed_of(seed, window, chunk))  # drop path: per micro-batch, not per rank
-        targets = p.teacher(batch["images"])  # (B, N, D)
-        clock("time_teacher")
-        pred = p.engine(batch["images"].to(p.dtype), batch["masks"]).float()  # (B, N, D)
-        clock("time_student")
-        schedule = dtm_schedule(p.config, p.device, window, chunk)  # (L, K) merges per iteration
-        morphed = p.morph(targets, schedule)  # groups (L, B, N)
-        levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
-        faults.dump(p.windows.micro, images=batch["images"], targets=targets, pred=pred, schedule=schedule)
-        clock("time_dtm")
+        with clock("time_teacher"):
+            targets = p.teacher(batch["images"])  # (B, N, D)
+        with clock("time_student"):
+            pred = p.engine(batch["images"].to(p.dtype), batch["masks"]).float()  # (B, N, D)
+        with clock("time_dtm"):
+            schedule = dtm_schedule(p.config, p.device, window, chunk)  # (L, K) merges per iteration
+            morphed = p.morph(targets, schedule)  # groups (L, B, N)
+            levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
+            faults.dump(p.windows.micro, images=batch["images"], targets=targets, pred=pred, schedule=schedule)
         seen["images"] = batch["images"]
         return dtm.loss_weight * levels.mean(), levels
 

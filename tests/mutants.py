@@ -100,6 +100,8 @@ MUTANTS = [
            "model=dataclasses.replace(config.model, target_dim=None)", f"{TRAIN} -k teacher_width"),
     Mutant("options: initials ignored", "dtm_ds/options.py", "1.5 if last == initials else ratio", "ratio",
            "tests/test_cli.py -k one_option_parser"),
+    Mutant("records: a missing field guessed", "dtm_ds/config.py",
+           "if f.name not in tree[s]]", "if f.name not in tree[s] and False]", f"{TRAIN} -k record_without"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

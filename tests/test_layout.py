@@ -118,3 +118,18 @@ def test_the_data_package_imports_no_training_code():
     for name, imported in scan()["graph"].items():
         if name == "dtm_ds.data" or name.startswith("dtm_ds.data."):
             assert [m for m in imported if not m.startswith(allowed)] == [], name
+
+
+def test_every_library_module_says_what_it_exports():
+    """Each dtm_ds module has ``__all__``, and every name in it exists (internal names take a leading ``_``)."""
+    import importlib
+
+    modules = [n for n in _modules() if n.startswith("dtm_ds") and n not in ("dtm_ds", "dtm_ds.__main__")]
+    missing, wrong = [], {}
+    for name in modules:
+        module = importlib.import_module(name)
+        if not hasattr(module, "__all__"):
+            missing.append(name)
+        elif absent := [n for n in module.__all__ if not hasattr(module, n)]:
+            wrong[name] = absent
+    assert (missing, wrong) == ([], {})

@@ -131,6 +131,21 @@ def test_the_teacher_width_is_a_recorded_config_field(pretrained):
         build(wrong, {}, torch.device("cpu"), None, None)
 
 
+def test_a_record_without_a_field_of_this_version_is_an_error_not_a_guess(pretrained, tmp_path):
+    """No compatibility shims: a config.json (or an export's sidecar) that lacks a field this version has
+    names it instead of assuming what an earlier version meant."""
+    from dtm_ds.config import load_config, model_config
+
+    record = json.loads((pretrained / "config.json").read_text())
+    assert load_config(pretrained / "config.json").model.target_dim == record["model"]["target_dim"]
+    del record["model"]["init"], record["teacher"]["input_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"config.json records no model.init, teacher.input_norm: .*earlier dtm_ds"):
+        load_config(tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"side.json records no model.init"):
+        model_config(record["model"], "side.json")
+
+
 def test_teacher_and_config_errors(tiny_clip, tmp_path):
     cpu = torch.device("cpu")
     tiny = build_config("tiny")
