@@ -157,7 +157,7 @@ def test_finetune_errors(pretrained, tmp_path):
 
     with pytest.raises(ValueError, match="--dataset 'mnist' is not a recipe"):
         main(str(pretrained), "mnist", "x")
-    with pytest.raises(ValueError, match=r"unknown options \['lrr'\]"):
+    with pytest.raises(ValueError, match=r"unknown options \['recipe.lrr'\]; 'recipe.lrr': did you mean 'recipe.lr'\?"):
         main(str(pretrained), "fmnist", "fashion_mnist", **{"recipe.lrr": 1.0})
     with pytest.raises(FileNotFoundError, match="expected a dtm_ds run directory or an export"):
         encoder_config(str(tmp_path / "nothing.pth"))
