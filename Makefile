@@ -37,11 +37,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run, kill fuzz): ~12 min
+# The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run, kill fuzz, the GPU check rehearsal): ~23 min
 test-faults: $(STAMP)
 	$(PY) -m pytest tests/faults -m "" -s $(PYTEST_ARGS)
 
-# Mutation testing (tests/mutants.py): every one-line defect in the list must make its tests fail (~6 min)
+# Mutation testing (tests/mutants.py): every one-line defect in the list must make its tests fail (~8 min)
 mutants: $(STAMP)
 	$(PY) -m tests.mutants $(MUTANTS_ARGS)
 

@@ -325,7 +325,7 @@ def model_config(values: dict[str, Any], where: str | Path = "the model record")
 
 
 def _check_recorded(tree: dict[str, dict], where) -> None:
-    missing = [f"{s}.{f.name}" for s in tree for f in dataclasses.fields(SECTIONS[s]) if f.name not in tree[s] and False]
+    missing = [f"{s}.{f.name}" for s in tree for f in dataclasses.fields(SECTIONS[s]) if f.name not in tree[s]]
     if missing:
         raise ValueError(
             f"{where} records no {', '.join(missing)}: it was written by an earlier dtm_ds version; re-run or "
