@@ -158,7 +158,7 @@ def agree(flag: torch.Tensor, local: bool) -> tuple[bool, bool]:
     comm = comm_device()
     both = torch.stack([flag.float().reshape(()).to(comm), torch.full((), float(local), device=comm)])
     if world() > 1:
-        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     first, second = both.tolist()
     return first > 0, second > 0
 

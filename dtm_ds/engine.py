@@ -174,7 +174,7 @@ class Windows:
                 if last and want_norm and not dropped:
                     local_norm = _local_grad_norm(self.engine)  # before the step clears the gradients
             with clock("time_optimizer"):
-                self.optimizer.skip_next = False
+                self.optimizer.skip_next = last and dropped
                 self.engine.step()
                 self.optimizer.skip_next, self.micro = False, self.micro + 1
         return Window(value_sum, self.accum, dropped, stop, local_norm)
