@@ -1,7 +1,7 @@
 """Mutation testing: realistic one-line defects in critical code, each applied alone, and the tests that must
 catch it. A mutant is *caught* when those tests fail; one that survives names a behaviour no test guards.
 
-    make mutants                               # every mutant (about 8 min on 2 cores); exit 1 if any survives
+    make mutants                               # every mutant (about 6 min on 2 cores); exit 1 if any survives
     python -m tests.mutants --only 3,17        # some of them (numbers as listed)
     python -m tests.mutants --list
 
