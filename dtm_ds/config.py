@@ -140,6 +140,9 @@ class DTMConfig:
     loss_weight: float = 1.0
     """Weight of the DTM loss in the loss that is backpropagated (the reference's --w_dtm, 1.0); logged
     losses are unweighted."""
+    tokenwise: bool = False
+    """The baseline without morphing: the loss between the raw student and teacher tokens (one level;
+    n_max and k_max unused), for ablations and the benchmark's DTM-off run."""
 
     def __post_init__(self):
         if len(self.n_max) != len(self.k_max) or not self.n_max:

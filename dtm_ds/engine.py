@@ -8,8 +8,9 @@
   boundary (reductions, clipping, clearing the accumulated gradients) at every ZeRO stage and
   precision, so a window whose loss was non-finite is dropped whole and the next one starts clean;
 * ``Windows.run`` is the window protocol that pretraining and fine-tuning share: per micro-batch the
-  caller's loss, an agreement of every rank on two flags (a non-finite loss; a stop signal), backward,
-  the skip flag, ``engine.step()``; ``stop_on_signals`` turns SIGTERM/SIGINT into the stop flag.
+  caller's loss and backward; after the last backward one agreement of every rank on two flags (a
+  non-finite loss in any micro-step; a stop signal), the window's only host synchronisation; then the
+  skip flag and ``engine.step()``. ``stop_on_signals`` turns SIGTERM/SIGINT into the stop flag.
 """
 
 import contextlib
@@ -160,17 +161,20 @@ class Windows:
         from dtm_ds import distributed, faults
 
         clock = clock or (lambda phase: contextlib.nullcontext())
-        value_sum, dropped, stop, local_norm = 0.0, False, False, None
+        value_sum, nonfinite, local_norm = 0.0, None, None
+        dropped = stop = False
         for m in range(self.accum):
             loss, value = loss_of(m)
             if faults.nan_loss(self.micro):
                 loss = loss * float("nan")
             faults.stop_signal(self.micro)
-            nonfinite, stop_now = distributed.agree(~torch.isfinite(loss.detach()), self.stop_requested)
-            dropped, stop = dropped or nonfinite, stop or stop_now
+            bad = ~torch.isfinite(loss.detach())  # stays on the device: no sync per micro-step
+            nonfinite = bad if nonfinite is None else nonfinite | bad
             value_sum, last = value_sum + value.detach(), m == self.accum - 1
             with clock("time_student"):
                 self.engine.backward(loss)  # a dropped window's gradients are cleared by the skipped step
+                if last:  # the window's one host sync: every rank learns both flags before the step
+                    dropped, stop = distributed.agree(nonfinite, self.stop_requested)
                 if last and want_norm and not dropped:
                     local_norm = _local_grad_norm(self.engine)  # before the step clears the gradients
             with clock("time_optimizer"):

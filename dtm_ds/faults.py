@@ -42,12 +42,12 @@ def stop_signal(micro: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def dump(micro: int, **tensors: torch.Tensor) -> None:
-    """Save ``tensors`` (detached, on the host) at micro-step ``micro`` when the test asked for it: what a
-    training step computed, for a test to recompute its loss independently."""
+def dump(micro: int, **tensors: torch.Tensor | None) -> None:
+    """Save ``tensors`` (detached, on the host; None values left out) at micro-step ``micro`` when the test
+    asked for it: what a training step computed, for a test to recompute its loss independently."""
     faults = _faults()
     if faults.get("dump_micro") == micro:
-        torch.save({k: v.detach().cpu() for k, v in tensors.items()}, faults["dump_to"])
+        torch.save({k: v.detach().cpu() for k, v in tensors.items() if v is not None}, faults["dump_to"])
 
 
 def arm_checkpoint_kill(engine, index: int) -> None:

@@ -3,14 +3,22 @@
 On a GPU the morphing of every level is captured once per input shape as a CUDA graph and replayed for
 every sampled schedule (the schedule is a static device tensor, so nothing in the graph depends on its
 values). On CPU, or with capture off, it runs eagerly; ``compile`` wraps it in ``torch.compile`` instead.
+
+``launch(targets, schedule_of)`` starts it off the critical path: on a GPU on a stream of its own, after
+the work queued so far (the teacher that made the targets) and concurrently with what the caller queues
+next (the student's forward); ``Pending.wait()`` makes the caller's stream wait for it (an event, no host
+sync) and returns the groups. On CPU it runs at once, in order.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dtm_ds.morph import Morphed, morph_levels
 
-__all__ = ["GraphedMorph"]
+__all__ = ["GraphedMorph", "Pending"]
 
 
 class GraphedMorph:
@@ -24,6 +32,23 @@ class GraphedMorph:
 
         self.fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=compile) if compile else fn
         self.graphs: dict[tuple, tuple] = {}
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def launch(self, targets: Tensor, schedule_of: Callable[[], Tensor]) -> "Pending":
+        """Morph ``targets`` with the schedule ``schedule_of()`` samples (on the morphing stream too)."""
+        if not targets.is_cuda:
+            schedule = schedule_of()
+            return Pending(self(targets, schedule), schedule, None)
+        main = torch.cuda.current_stream(targets.device)
+        side = self.streams.setdefault(targets.device, torch.cuda.Stream(targets.device))
+        side.wait_stream(main)  # the targets exist, and the previous micro-step's loss has read the graph's output
+        with torch.cuda.stream(side):
+            targets.record_stream(side)
+            schedule = schedule_of()
+            morphed = self(targets, schedule)
+            done = torch.cuda.Event()
+            done.record(side)
+        return Pending(morphed, schedule, done)
 
     def prepare(self, targets: Tensor, schedule: Tensor) -> None:
         """Capture the graph for inputs shaped like these now (before the loader's threads start), not at the
@@ -60,3 +85,21 @@ class GraphedMorph:
 
 def _key(targets: Tensor, schedule: Tensor) -> tuple:
     return tuple(targets.shape), targets.dtype, tuple(schedule.shape), targets.device
+
+
+@dataclass
+class Pending:
+    """Morphing under way (``GraphedMorph.launch``): ``wait()`` returns the ``Morphed`` groups, once the
+    caller's stream has been made to wait for them."""
+
+    morphed: Morphed
+    schedule: Tensor  # [L, K], sampled on the morphing stream
+    done: torch.cuda.Event | None
+
+    def wait(self) -> Morphed:
+        if self.done is not None:
+            current = torch.cuda.current_stream(self.morphed.groups.device)
+            current.wait_event(self.done)
+            for tensor in (self.morphed.groups, self.schedule):
+                tensor.record_stream(current)  # made on the morphing stream, used (and freed) on this one
+        return self.morphed

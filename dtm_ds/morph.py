@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "Morphed", "dtm_loss", "morph_levels", "morphed_loss", "sample_schedule"]
+from dtm_ds.syncs import cpu_only
+
+__all__ = ["LOSSES", "Morphed", "dtm_loss", "morph_levels", "morphed_loss", "sample_schedule", "tokenwise_loss"]
 
 LOSSES = ("smooth_l1", "l1", "l2", "negcosine")
 
@@ -142,9 +144,9 @@ def morph_levels(target: Tensor, schedule: Tensor, protect_first: bool = True, s
     levels, (b, n, _) = schedule.shape[0], target.shape
     gram = _gram(target).repeat(levels, 1, 1)  # (L*B, N, N)
     merges = schedule.to(target.device).repeat_interleave(b, dim=0)  # (L*B, K)
-    plan = None if static else _host_plan(merges, n, protect_first)
+    plan = None if static else _host_plan(merges, n, protect_first, levels)
     groups = _morph_gram(gram, merges, protect_first, plan).view(levels, b, n)
-    return Morphed(groups, [n] * levels if plan is None else plan[1].view(levels, b).amax(1).tolist())
+    return Morphed(groups, [n] * levels if plan is None else plan[2])
 
 
 def morphed_loss(
@@ -187,6 +189,18 @@ def morphed_loss(
     return torch.stack(losses)
 
 
+def tokenwise_loss(pred: Tensor, target: Tensor, loss: str = "smooth_l1", beta: float = 2.0,
+                   normalize_target: bool = False) -> Tensor:  # fmt: skip
+    """The loss without morphing (every token its own group): scalar mean over tokens of the per-token loss
+    (mean over channels) between ``pred`` and ``target`` [B, N, D]; the baseline DTM is measured against."""
+    target = target.detach()
+    if normalize_target:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    if loss == "negcosine":
+        return -F.cosine_similarity(pred, target, dim=-1).mean()
+    return _elementwise(pred - target, loss, beta).mean()
+
+
 def _elementwise(delta: Tensor, loss: str, beta: float) -> Tensor:
     zero = delta.new_zeros(()).expand_as(delta)
     if loss == "smooth_l1":
@@ -219,9 +233,11 @@ def _gram(metric: Tensor) -> Tensor:
     return m @ m.transpose(1, 2)
 
 
-def _host_plan(merges: Tensor, n: int, protect_first: bool) -> tuple[list[tuple[int, slice, int]], Tensor] | None:
+@cpu_only
+def _host_plan(merges: Tensor, n: int, protect_first: bool, levels: int = 1) -> tuple[list, Tensor, list[int]] | None:
     """Eager CPU only: per iteration, the most merges any row makes, the span of rows that merge and
-    the longest sequence among them; and each row's final length.
+    the longest sequence among them; each row's final length; each level's most groups (for ``levels``
+    levels of equally many rows).
 
     Lets the eager path skip no-op iterations and rows, score only the live part of the sequences,
     update only as many Gram rows as merge, and size the loss buffers to the groups that exist. None
@@ -237,7 +253,7 @@ def _host_plan(merges: Tensor, n: int, protect_first: bool) -> tuple[list[tuple[
         rows = slice(int(active[0]), int(active[-1]) + 1) if len(active) else slice(0)
         steps.append((int(r.max()) if len(active) else 0, rows, int(t[rows].max()) if len(active) else 0))
         t = t - r
-    return steps, t
+    return steps, t, t.view(levels, -1).amax(1).tolist()  # and each level's most groups
 
 
 def _morph_gram(gram: Tensor, merges: Tensor, protect_first: bool, plan=None) -> Tensor:

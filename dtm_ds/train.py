@@ -8,10 +8,11 @@ Any config field is overridable as ``--<section>.<field>=value``; the resolved c
 ``<output_dir>/config.json``. A run resumes from the latest complete checkpoint in its output_dir, on the
 same or another number of ranks (the global batch must stay the same).
 
-One optimizer step is one *window* of ``gradient_accumulation_steps`` micro-batches on every rank. Each
-micro-step all-reduces two flags (a non-finite loss; a stop signal), so every rank knows both at once: a
-window with a non-finite loss is dropped whole (no update, the lr schedule does not move); a stop signal
-ends the run after the current window with one checkpoint, on every rank at the same step.
+One optimizer step is one *window* of ``gradient_accumulation_steps`` micro-batches on every rank. At its
+last micro-step the ranks all-reduce two flags (a non-finite loss in any micro-step; a stop signal), the
+window's one host synchronisation, so every rank knows both at once: a window with a non-finite loss is
+dropped whole (no update, the lr schedule does not move); a stop signal ends the run after the current
+window with one checkpoint, on every rank at the same step.
 """
 
 import dataclasses
@@ -43,7 +44,7 @@ from dtm_ds.engine import (
 )
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
-from dtm_ds.morph import morphed_loss, sample_schedule
+from dtm_ds.morph import morphed_loss, sample_schedule, tokenwise_loss
 from dtm_ds.run_record import check_records, resolved_settings, write_records
 from dtm_ds.seeds import seed_of
 from dtm_ds.student import DTMStudent
@@ -165,13 +166,18 @@ def train_window(p: Parts, s: TrainState, batches, clock: Clock) -> tuple[Window
         torch.manual_seed(seed_of(seed, window, chunk))  # drop path: per micro-batch, not per rank
         with clock("time_teacher"):
             targets = p.teacher(batch["images"])  # (B, N, D)
-        with clock("time_student"):
+        with clock("time_student"):  # on a GPU the morphing (groups (L, B, N)) runs meanwhile, on its own stream
+            schedule_of = lambda: dtm_schedule(p.config, p.device, window, chunk)  # noqa: E731 ((L, K) merges)
+            pending = None if dtm.tokenwise else p.morph.launch(targets, schedule_of)
             pred = p.engine(batch["images"].to(p.dtype), batch["masks"]).float()  # (B, N, D)
         with clock("time_dtm"):
-            schedule = dtm_schedule(p.config, p.device, window, chunk)  # (L, K) merges per iteration
-            morphed = p.morph(targets, schedule)  # groups (L, B, N)
-            levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
-            faults.dump(p.windows.micro, images=batch["images"], targets=targets, pred=pred, schedule=schedule)
+            if pending is None:  # the baseline: the loss between the raw tokens
+                levels = tokenwise_loss(pred, targets, dtm.loss, dtm.beta, dtm.normalize_target)[None]  # (1,)
+            else:
+                morphed = pending.wait()  # the loss waits for the morphing stream (an event, not the host)
+                levels = morphed_loss(pred, targets, morphed, dtm.loss, dtm.beta, dtm.normalize_target)  # (L,)
+            faults.dump(p.windows.micro, images=batch["images"], targets=targets, pred=pred,
+                        schedule=None if pending is None else pending.schedule)  # fmt: skip
         seen["images"] = batch["images"]
         return dtm.loss_weight * levels.mean(), levels
 

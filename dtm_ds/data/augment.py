@@ -2,7 +2,7 @@
 
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "augment_on_device", "normalize"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "augment_on_device", "normalize"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +29,19 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> normalised with per-channel mean/std."""
-    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    """[B, 3, H, W] in [0, 1] -> normalised with per-channel mean/std: sequences (made into tensors here) or
+    [1, 3, 1, 1] tensors on ``x``'s device, made once by the caller (``Normalize``), so no batch copies
+    constants to the device."""
+    if not isinstance(mean, torch.Tensor):
+        mean, std = Normalize(mean, std, x.device, x.dtype).mean_std
     return (x - mean) / std
+
+
+class Normalize:
+    """``normalize`` with its constants made once on ``device`` (from the host: the only copy they need)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu", dtype=torch.float32):
+        self.mean_std = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device) for v in (mean, std))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, *self.mean_std)

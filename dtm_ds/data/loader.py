@@ -1,15 +1,18 @@
 """The pretraining loader: batches of augmented images and masks from an FFCV .beton or a data_prep
 source, in the run's global order (dtm_ds/data/order.py), on the training device."""
 
+import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from dtm_ds.config import Config
-from dtm_ds.data.augment import augment_on_device, normalize
+from dtm_ds.data.augment import Normalize, augment_on_device
 from dtm_ds.data.masking import BlockMasking
 from dtm_ds.data.order import epoch_order
 from dtm_ds.data.spec import LoaderSpec, check_beton
@@ -23,7 +26,14 @@ class PretrainLoader:
 
     ``epoch(e, start_batch)`` iterates epoch ``e`` from batch ``start_batch`` (a resumed run);
     ``windows(e, w)`` the optimizer windows from window ``w`` of epoch ``e`` on, over every epoch.
+
+    A background thread prepares up to ``AHEAD`` batches ahead of the step: it takes the source's decoded
+    crops, draws each sample's flip, jitter and mask, copies the batch to the device (on CUDA: from pinned
+    memory on a stream of its own) and augments it there, so the training thread never waits for a mask
+    or a copy. The batches are the same whatever the thread's timing (all draws are keyed by sample).
     """
+
+    AHEAD = 2
 
     def __init__(self, spec: LoaderSpec, device: torch.device | str = "cpu"):
         spec = dataclasses.replace(spec, workers=cap_workers(spec.workers, f"{spec.backend} loader"))
@@ -31,16 +41,26 @@ class PretrainLoader:
         self.masking = BlockMasking(spec.grid, spec.num_masked, min(spec.min_mask_block, max(spec.num_masked, 1)))
         self.source = _source(spec, self.device)
         self.batches_per_epoch = len(epoch_order(self.source.num_samples, spec, 0)) // spec.batch_size
+        self.normalize = Normalize(device=self.device)  # the constants once, not per batch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         bs = self.spec.batch_size
         order = epoch_order(self.source.num_samples, self.spec, epoch)[start_batch * bs :]
-        for k, (images, labels) in enumerate(self.source.batches(order, epoch)):
-            rngs = [np.random.default_rng([self.spec.seed, epoch, int(i)]) for i in order[k * bs : (k + 1) * bs]]
-            draws = torch.from_numpy(np.stack([r.random(4) for r in rngs]))  # (B, 4) flip + jitter uniforms
-            masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
-            x = normalize(augment_on_device(self._to_device(images), self._to_device(draws), self.spec.jitter))
-            yield {"images": x, "masks": self._to_device(masks), "labels": self._to_device(labels)}
+
+        def prepare():
+            for k, (images, labels) in enumerate(self.source.batches(order, epoch)):
+                rngs = [np.random.default_rng([self.spec.seed, epoch, int(i)]) for i in order[k * bs : (k + 1) * bs]]
+                yield self._prepare(images, labels, rngs)
+
+        yield from _Ahead(prepare, self.AHEAD, self.device)
+
+    def _prepare(self, images: torch.Tensor, labels: torch.Tensor, rngs: list) -> dict[str, torch.Tensor]:
+        """One batch on the device: the samples' draws and masks (host), the copy, the augmentation."""
+        draws = torch.from_numpy(np.stack([r.random(4) for r in rngs]))  # (B, 4) flip + jitter uniforms
+        masks = torch.from_numpy(np.stack([self.masking(r).reshape(-1) for r in rngs]))  # (B, N)
+        images, draws, masks, labels = (to_device(t, self.device) for t in (images, draws, masks, labels))
+        return {"images": self.normalize(augment_on_device(images, draws, self.spec.jitter)), "masks": masks,
+                "labels": labels}  # fmt: skip
 
     @property
     def windows_per_epoch(self) -> int:
@@ -55,8 +75,62 @@ class PretrainLoader:
                 yield epoch, w, itertools.islice(batches, self.spec.accum)
             epoch, window = epoch + 1, 0
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return to_device(t, self.device)
+
+class _Ahead:
+    """Iterates ``produce()`` in a daemon thread, up to ``depth`` items ahead; an error there is raised here,
+    at the item where it happened. On CUDA the thread works on a stream of its own and each item carries an
+    event: the consumer's stream waits for it (no host sync), and the tensors are marked as used there (the
+    allocator does not hand their memory back to the producer's stream early). Leaving the loop early (or
+    dropping the iterator) stops the thread at its next item."""
+
+    _END = object()
+
+    def __init__(self, produce: Callable[[], Iterator[dict]], depth: int, device: torch.device):
+        self.produce, self.device = produce, device
+        self.items: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dtm-loader-ahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        try:
+            with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():  # noqa: SIM117
+                for item in self.produce():
+                    event = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        event.record(stream)
+                    if not self._put((item, event)):
+                        return
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer, raised there)
+            self._put(err)
+            return
+        self._put(self._END)
+
+    def _put(self, item) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            while (got := self.items.get()) is not self._END:
+                if isinstance(got, BaseException):
+                    raise got
+                item, event = got
+                if event is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)
+                    for tensor in item.values():
+                        tensor.record_stream(current)
+                yield item
+        finally:
+            self.stopped.set()
 
 
 def check_source(spec: LoaderSpec) -> None:
