@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+SYNC_ORIGINS = ("project", "deepspeed", "torch", "other", "cpu_only")  # dtm_ds.syncs.HostSyncs.by_origin
 CHECK_CLIP = {  # a CLIP small enough for a CPU: the tiny preset's 8x8 grid at 32 px
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
@@ -141,7 +142,7 @@ def window(folder: str, preset: str = "tiny", teacher: str = "pixels", size: int
         "loss": float(out.value.mean()), "finite": bool(torch.isfinite(out.value).all()),
         "peak_gib": mem[0] if cuda else mem[1], "phases_s": phases, "graphs": len(parts.morph.graphs),
         "teacher": precision(config.teacher, device.type), "device": _device_name(device),
-        "syncs_per_window": {k: max(c[k] for c in per_window) for k in ("project", "deepspeed", "torch", "other", "cpu_only")},
+        "syncs_per_window": {k: max(c[k] for c in per_window) for k in SYNC_ORIGINS},
         "device_syncs_per_window": device_syncs if cuda else None,
     }  # fmt: skip
     print(json.dumps(row), flush=True)

@@ -8,6 +8,7 @@ metrics.jsonl whole and to TensorBoard as their min and max.
 import contextlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -22,12 +23,24 @@ __all__ = [
     "count_step_flops",
     "device_peak_flops",
     "memory_gib",
+    "peak_bf16",
     "step_flops",
     "step_values",
 ]
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-"""Dense bf16 peak FLOP/s per device (vendor data sheets); MFU is logged for these devices only."""
+PEAK_BF16 = (
+    (r"H100 PCIe", 756e12), (r"H100 NVL", 835e12), (r"H200 NVL", 835e12), (r"GH200", 989e12),
+    (r"H100", 989e12), (r"H200", 989e12), (r"A100", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12),
+    (r"L4\b", 121e12), (r"A10\b", 125e12),
+)  # fmt: skip
+"""Dense (not sparse) bf16 tensor-core peak FLOP/s by device name (``torch.cuda.get_device_name``: "NVIDIA H100
+80GB HBM3" is the SXM part), from NVIDIA's data sheets; the first pattern found in the name wins. MFU is
+logged for these devices only; any other reports it as unknown."""
+
+
+def peak_bf16(name: str) -> float | None:
+    """The dense bf16 peak of the device called ``name``, or None when ``PEAK_BF16`` does not know it."""
+    return next((peak for pattern, peak in PEAK_BF16 if re.search(pattern, name)), None)
 
 
 class RunLog:
@@ -105,10 +118,7 @@ class Clock:
 
 def device_peak_flops() -> float | None:
     """This device's dense bf16 peak FLOP/s when known (``PEAK_BF16``), else None (CPU included)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return peak_bf16(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def step_flops(teacher, model, target_dim: int, device: torch.device) -> float | None:
@@ -119,7 +129,8 @@ def step_flops(teacher, model, target_dim: int, device: torch.device) -> float |
 def count_step_flops(teacher, model, target_dim: int, device: torch.device) -> float:
     """FLOPs of one image through a training step: teacher forward, student forward and backward, counted
     by ``torch.utils.flop_counter`` (the student on the meta device: no memory, no gradient hooks; DTM's
-    scatter means count as nothing)."""
+    scatter means count as nothing). ``nn.MultiheadAttention``'s inference fast path (CLIP's towers) is one
+    fused op the counter cannot see, so it is off while counting."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dtm_ds.student import DTMStudent
@@ -128,9 +139,14 @@ def count_step_flops(teacher, model, target_dim: int, device: torch.device) -> f
         student = DTMStudent(model, target_dim)
         fake = torch.zeros(1, 3, model.img_size, model.img_size)
         mask = torch.zeros(1, model.grid**2, dtype=torch.bool)
-    with FlopCounterMode(display=False) as counter:
-        teacher(torch.zeros(1, 3, model.img_size, model.img_size, device=device))
-        student(fake, mask).float().pow(2).mean().backward()
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            teacher(torch.zeros(1, 3, model.img_size, model.img_size, device=device))
+            student(fake, mask).float().pow(2).mean().backward()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
     return float(counter.get_total_flops())
 
 

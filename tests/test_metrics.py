@@ -98,3 +98,53 @@ def test_step_flops_count_the_student_three_times_and_the_teacher_once():
     flops = count_step_flops(teacher, model, teacher.dim, torch.device("cpu"))
     matmul_params = 12 * model.depth * model.embed_dim**2  # qkv, proj and the 4x MLP of every block
     assert 1.0 < flops / (6 * matmul_params * model.grid**2) < 1.25, flops
+
+
+def _vit_forward_flops(width: int, depth: int, tokens: int, patches: int, patch: int, out: int) -> float:
+    """The textbook count of one image through a ViT: 2 x (multiply-adds) of every matmul, the attention
+    scores and their weighted sum included; norms, softmax and biases left out."""
+    blocks = depth * (2 * 12 * width**2 * tokens + 2 * 2 * tokens**2 * width)  # qkv, proj, MLP; QK^T and AV
+    return blocks + 2 * 3 * patch**2 * width * patches + 2 * width * out * patches  # patch embedding, head
+
+
+def test_step_flops_count_the_clip_teacher_attention(tmp_path):
+    """MFU's numerator against an independent count within 5 %: an open_clip teacher (whose attention runs as
+    nn.MultiheadAttention's fused inference op, invisible to torch's flop counter unless it is turned off)
+    counted once, the student forward and backward (3x its forward)."""
+    import json
+
+    import open_clip
+    import torch
+
+    from dtm_ds.config import build_config
+    from dtm_ds.logs import count_step_flops
+    from dtm_ds.teacher import build_teacher
+
+    vision = {"image_size": 224, "layers": 3, "width": 256, "patch_size": 16, "head_width": 64}
+    text = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+    clip = {"embed_dim": 128, "vision_cfg": vision, "text_cfg": text}
+    (tmp_path / "flops-clip.json").write_text(json.dumps(clip))
+    open_clip.add_model_config(tmp_path / "flops-clip.json")
+    torch.save(open_clip.create_model("flops-clip", pretrained=None).state_dict(), tmp_path / "clip.pt")
+    config = build_config("vits", {"teacher.name": "clip:flops-clip", "teacher.weights": str(tmp_path / "clip.pt")})
+    m = config.model
+    teacher = build_teacher(config.teacher, m, torch.device("cpu"))
+    assert torch.backends.mha.get_fastpath_enabled()
+    counted = count_step_flops(teacher, m, teacher.dim, torch.device("cpu"))
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    patches = m.grid**2
+    want = _vit_forward_flops(256, 3, patches + 1, patches, 16, 128)  # the teacher: forward only
+    want += 3 * _vit_forward_flops(m.embed_dim, m.depth, patches + 1, patches, 16, teacher.dim)
+    assert abs(counted / want - 1) < 0.05, (counted, want)
+
+
+def test_peak_bf16_by_device_name():
+    """Each H100 variant has its own peak (SXM, PCIe, NVL), L4 is not L40 or L40S, unknown devices are None."""
+    from dtm_ds.logs import peak_bf16
+
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA L40S": 362e12,
+             "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": None,
+             "Tesla V100-SXM2-16GB": None}  # fmt: skip
+    assert {name: peak_bf16(name) for name in names} == names
