@@ -68,9 +68,11 @@ def make_teacher(folder: Path, name: str) -> Path:
 
 
 def window(folder: str, preset: str = "tiny", teacher: str = "pixels", size: int = 40, micro: int = 16,
-           windows: int = 8, accum: int = 1, tokenwise: bool = False, backend: str = "ffcv") -> dict:  # fmt: skip
+           windows: int = 8, accum: int = 1, tokenwise: bool = False, backend: str = "ffcv",
+           ds: str = "") -> dict:  # fmt: skip
     """One variant: the real windows of ``preset`` on this machine's device (see the module docstring).
-    ``teacher``: ``pixels`` or an open_clip architecture name (random weights)."""
+    ``teacher``: ``pixels`` or an open_clip architecture name (random weights); ``ds``: a DeepSpeed JSON (default:
+    the one shipped for this device), its micro batch and accumulation replaced."""
     from dtm_ds import distributed
     from dtm_ds.config import build_config
     from dtm_ds.data import PretrainLoader, loader_spec
@@ -84,8 +86,8 @@ def window(folder: str, preset: str = "tiny", teacher: str = "pixels", size: int
     work = Path(folder)
     data = make_data(work, 256, size, backend)
     device = distributed.init()
-    shipped = json.loads(Path(default_ds_config()).read_text())  # as a run on this device gets it
-    ds_path = work / f"ds_{preset}_{micro}_{accum}.json"
+    shipped = json.loads(Path(ds or default_ds_config()).read_text())  # default: as a run on this device gets it
+    ds_path = work / f"ds_{preset}_{micro}_{accum}_{Path(ds).stem}.json"
     ds_path.write_text(json.dumps(shipped | {"train_micro_batch_size_per_gpu": micro,
                                              "gradient_accumulation_steps": accum}))  # fmt: skip
     overrides = {"data.path": str(data), "data.backend": backend, "dtm.tokenwise": tokenwise,
