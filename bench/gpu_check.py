@@ -12,14 +12,16 @@ PASS/FAIL line with its figures; the exit status is 1 unless every part passed.
 3. morph_ms    morphing + loss, eager vs CUDA graph.
 4. gpu_tests   the tests marked gpu (graph replay, CLIP towers from timm and open_clip in fp16/bf16, collectives
                on NCCL); dry run: they are collected.
-5. train_step  the real ``train_window`` at ViT-B/16 on a generated FFCV .beton, with an open_clip
-               CLIP-B/16-architecture teacher (random weights from a file) in its default precision, ZeRO-2 bf16
-               (ds_configs/zero2_bf16.json) and the CUDA graph: img/s, MFU, peak memory, the DTM share.
+5. train_step  bench/bench_train.py on the GPU: the real ``train_window`` at ViT-B/16 on a generated FFCV .beton,
+               with an open_clip CLIP-B/16-architecture teacher (random weights from a file) in its default
+               precision, ZeRO-2 bf16 (ds_configs/zero2_bf16.json) and the CUDA graph replayed on its own stream,
+               against the token-wise run of the same loop: img/s, MFU, peak memory, DTM's share of a window on
+               the critical path, host syncs per window (dtm_ds.syncs by origin, and the device's own count by
+               torch.cuda.set_sync_debug_mode); #23's targets (>= 3,000 img/s, DTM <= 1 %, one sync) said met or
+               not. It fails when a window is not finite, no graph was captured or the project syncs twice.
 6. memory      peak GPU memory per preset at micro batch 64 (two real windows each, one process each).
 7. pretrain    ``make pretrain`` on a tiny generated .beton: a SIGTERM at micro-step 3 ends it with a checkpoint
                and exit 0, a re-run resumes to step 8; the losses against an uninterrupted run.
-
-``python -m bench.gpu_check window ...`` is part 5/6's worker (one JSON line).
 """
 
 import json
@@ -33,13 +35,10 @@ from pathlib import Path
 
 import torch
 
+from bench.bench_train import compare, make_data, run_window
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("vits", "vitb", "vitl", "vith")
-CHECK_CLIP = {  # the dry run's CLIP: the tiny preset's 8x8 grid at 32 px
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 4, "head_width": 16},
-    "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
-}
 
 
 class Parts:
@@ -230,42 +229,27 @@ def gpu_tests(dry_run: bool) -> tuple[bool, str]:
 
 
 # 5, 6. the real training window -----------------------------------------------------------------------------------
-def make_data(folder: Path, images: int, size: int) -> Path:
-    """A generated class folder converted to an FFCV .beton (``size`` px images)."""
-    from data_prep.synthetic import write_class_folder
-    from data_prep.write_ffcv import convert
-
-    beton = folder / f"check_{size}.beton"
-    if not beton.exists():
-        write_class_folder(folder / f"src_{size}", {"a": images // 2, "b": images - images // 2}, size=(size, size))
-        convert(str(folder / f"src_{size}"), str(beton), workers=min(8, os.cpu_count() or 1))
-    return beton
-
-
-def make_teacher(folder: Path, name: str) -> Path:
-    """Random weights of open_clip's ``name`` as a state-dict file (nothing is downloaded)."""
-    import open_clip
-
-    if name == "dtm-check-clip":
-        (folder / "dtm-check-clip.json").write_text(json.dumps(CHECK_CLIP))
-        open_clip.add_model_config(folder / "dtm-check-clip.json")
-    path = folder / f"{name}.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        torch.save(open_clip.create_model(name, pretrained=None).state_dict(), path)
-    return path
+TARGETS = {"img_s": 3000, "dtm_share": 0.01, "project_syncs": 1}
+"""#23's targets for ViT-B/16 DTM on one H100/H200: img/s, DTM's share of a window, host syncs per window."""
 
 
 def train_step(dry_run: bool, folder: Path) -> tuple[bool, str]:
     preset, clip, size = ("tiny", "dtm-check-clip", 40) if dry_run else ("vitb", "ViT-B-16", 256)
-    row = _window_worker(folder, preset, clip, size, 4 if dry_run else 64, 3 if dry_run else 30)
-    img_s, peak = row["img_s"], row["peak_gib"]
+    result = compare(folder, preset=preset, teacher=clip, size=size, micro=4 if dry_run else 64,
+                     windows=3 if dry_run else 20)  # fmt: skip
+    row, base, share = result["dtm"], result["tokenwise"], result["dtm_share"]
+    img_s, peak, syncs = row["img_s"], row["peak_gib"], row["syncs_per_window"]
     mfu = f"MFU {100 * row['mfu']:.1f} %" if row["mfu"] is not None else "MFU n/a (no peak for this device)"
-    figures = (f"{preset} micro {row['micro']}: {img_s:.0f} img/s, {mfu}, peak {peak:.2f} GiB, DTM "
-               f"{100 * row['dtm_share']:.1f} % of a synchronised window, teacher {row['teacher']}, loss "
-               f"{row['loss']:.4f}, {row['graphs']} graph(s)")  # fmt: skip
+    met = {"img/s": img_s >= TARGETS["img_s"], "DTM share": share <= TARGETS["dtm_share"],
+           "one project sync": syncs["project"] <= TARGETS["project_syncs"]}  # fmt: skip
+    figures = (f"{preset} micro {row['micro']}: {img_s:.0f} img/s (token-wise {base['img_s']:.0f}), {mfu}, "
+               f"{row['gflop_per_image']:.1f} GFLOP/image, peak {peak:.2f} GiB, DTM {100 * share:.2f} % of a window "
+               f"on the critical path, host syncs per window {syncs} (device count "
+               f"{row['device_syncs_per_window']}), teacher {row['teacher']}, loss {row['loss']:.4f}, {row['graphs']} "
+               f"graph(s); targets (img/s >= {TARGETS['img_s']}, DTM <= 1 %, 1 sync): "
+               + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items()))  # fmt: skip
     graphed = dry_run or row["graphs"] == 1
-    return row["finite"] and graphed and img_s > 0, figures
+    return row["finite"] and base["finite"] and graphed and img_s > 0 and met["one project sync"], figures
 
 
 def memory(dry_run: bool, folder: Path) -> tuple[bool, str]:
@@ -274,82 +258,13 @@ def memory(dry_run: bool, folder: Path) -> tuple[bool, str]:
     for preset in presets:
         clip = "dtm-check-clip" if dry_run else ("ViT-L-14" if preset == "vith" else "ViT-B-16")
         try:
-            row = _window_worker(folder, preset, clip, 40 if dry_run else 256, 4 if dry_run else 64, 2)
+            row = run_window(folder, preset=preset, teacher=clip, size=40 if dry_run else 256,
+                             micro=4 if dry_run else 64, windows=2)  # fmt: skip
             cells.append(f"{preset} {row['peak_gib']:.1f} GiB ({row['img_s']:.0f} img/s)")
         except RuntimeError as err:
             ok = False
             cells.append(f"{preset} failed: {str(err)[-200:]}")
     return ok, ", ".join(cells) + " at micro batch " + ("4 (dry run, host RSS)" if dry_run else "64")
-
-
-def _window_worker(folder: Path, preset: str, clip: str, size: int, micro: int, windows: int) -> dict:
-    """Part 5/6's measurement in a process of its own (one preset's engine, its memory alone)."""
-    cmd = [sys.executable, "-m", "bench.gpu_check", "window", "--folder", str(folder), "--preset", preset,
-           "--clip", clip, "--size", str(size), "--micro", str(micro), "--windows", str(windows)]  # fmt: skip
-    done = _run(cmd, 500)
-    rows = [line for line in done.stdout.splitlines() if line.startswith('{"window"')]
-    if done.returncode or not rows:
-        raise RuntimeError(f"the window worker failed ({done.returncode}): {_tail(done)}")
-    return json.loads(rows[-1])
-
-
-def window(folder: str, preset: str, clip: str, size: int, micro: int, windows: int) -> dict:
-    """The real pretraining window (``dtm_ds.train.train_window``) on this machine's device: ``windows`` timed
-    windows after 3 warm-ups, then 3 windows with the phase clock on (their DTM share)."""
-    from dtm_ds import distributed
-    from dtm_ds.config import build_config
-    from dtm_ds.data import PretrainLoader, loader_spec
-    from dtm_ds.devices import default_ds_config
-    from dtm_ds.engine import engine_config
-    from dtm_ds.logs import Clock, device_peak_flops, memory_gib
-    from dtm_ds.teacher import precision
-    from dtm_ds.train import Schedule, TrainState, build, train_window
-
-    folder_path = Path(folder)
-    beton, weights = make_data(folder_path, 512, size), make_teacher(folder_path, clip)
-    device = distributed.init()
-    ds_path = folder_path / "ds.json"
-    shipped = json.loads(Path(default_ds_config()).read_text())  # ds_configs/zero2_bf16.json on a GPU
-    ds_path.write_text(json.dumps(shipped | {"train_micro_batch_size_per_gpu": micro}))
-    overrides = {"data.path": str(beton), "data.backend": "ffcv", "teacher.name": f"clip:{clip}",
-                 "teacher.weights": str(weights), "run.output_dir": str(folder_path / f"run_{preset}")}  # fmt: skip
-    config = build_config(preset, overrides)
-    ds_config = engine_config(str(ds_path), 1, None)
-    loader = PretrainLoader(loader_spec(config, ds_config), device)
-    parts = build(config, ds_config, device, loader, Schedule.of(config, ds_config, loader))
-    stream, state, cuda = parts.loader.windows(0, 0), TrainState(), device.type == "cuda"
-
-    def step(clock: Clock):
-        out, _ = train_window(parts, state, next(stream)[2], clock)
-        state.step += 1
-        return out
-
-    for _ in range(3):
-        out = step(Clock(None))
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(windows):
-        out = step(Clock(None))
-    if cuda:
-        torch.cuda.synchronize()
-    img_s = windows * micro / (time.perf_counter() - start)
-    phases: dict[str, float] = {}
-    for _ in range(3):
-        step(clock := Clock(device))
-        for key, value in clock.times.items():
-            phases[key] = phases.get(key, 0.0) + value
-    peak = device_peak_flops()
-    mem = memory_gib().tolist()
-    row = {
-        "window": preset, "micro": micro, "img_s": img_s, "loss": float(out.value.mean()),
-        "finite": bool(torch.isfinite(out.value).all()), "peak_gib": mem[0] if cuda else mem[1],
-        "mfu": parts.flops_per_image * img_s / peak if peak and parts.flops_per_image else None,
-        "dtm_share": phases.get("time_dtm", 0.0) / max(sum(phases.values()), 1e-9), "phases_s": phases,
-        "graphs": len(parts.morph.graphs), "teacher": precision(config.teacher, device.type),
-    }  # fmt: skip
-    print(json.dumps(row), flush=True)
-    return row
 
 
 # 7. make pretrain, a stop signal, a resume ------------------------------------------------------------------------
@@ -416,10 +331,4 @@ def main(dry_run: bool = False) -> int:
 
 if __name__ == "__main__":  # no fire here: a bare GPU machine may lack it until the wheels are in
     argv = sys.argv[1:]
-    if argv[:1] == ["window"]:
-        opts = dict(zip(argv[1::2], argv[2::2], strict=True))
-        kinds = {"--size": int, "--micro": int, "--windows": int}
-        window(**{k.removeprefix("--"): kinds.get(k, str)(v) for k, v in opts.items()})
-        sys.stdout.flush()
-        os._exit(0)  # no interpreter teardown: communication threads can abort a finished process there
     sys.exit(main(dry_run="--dry_run" in argv))

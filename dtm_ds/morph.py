@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtm_ds.syncs import cpu_only
-
 __all__ = ["LOSSES", "Morphed", "dtm_loss", "morph_levels", "morphed_loss", "sample_schedule", "tokenwise_loss"]
 
 LOSSES = ("smooth_l1", "l1", "l2", "negcosine")
@@ -233,7 +231,6 @@ def _gram(metric: Tensor) -> Tensor:
     return m @ m.transpose(1, 2)
 
 
-@cpu_only
 def _host_plan(merges: Tensor, n: int, protect_first: bool, levels: int = 1) -> tuple[list, Tensor, list[int]] | None:
     """Eager CPU only: per iteration, the most merges any row makes, the span of rows that merge and
     the longest sequence among them; each row's final length; each level's most groups (for ``levels``

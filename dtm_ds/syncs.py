@@ -14,8 +14,9 @@ calls block nothing, but each one is a place where the same code on a GPU would 
 ``deepspeed``, or ``other`` (timm, open_clip, ...); a call that torch's own Python code makes is ``torch``
 (chiefly the optimizer's step counters, host tensors on a GPU too, so no device sync there); ``syncs.calls``
 keeps (origin, what, file:line of the first frame outside torch). Calls
-made inside a function marked ``@cpu_only`` (code that runs on CPU tensors only, such as the eager
-morphing's host plan, which an accelerator never runs) count as ``cpu_only``.
+made inside a function marked ``@cpu_only`` or listed in ``_CPU_ONLY`` (code that runs on CPU tensors only,
+such as the eager morphing's host plan ``morph._host_plan``, which an accelerator never runs) count as
+``cpu_only``.
 """
 
 import sys
@@ -28,18 +29,18 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["HostSyncs", "cpu_only"]
 
-_CPU_ONLY: set = set()
+_ROOT = Path(__file__).resolve().parents[1]
+_CPU_ONLY = {(str(_ROOT / "dtm_ds" / "morph.py"), "_host_plan")}  # (file, function); morph.py imports only torch
 
 
 def cpu_only(fn):
     """Mark ``fn`` as code that runs on CPU tensors only (its calls count as ``cpu_only``, not as syncs)."""
-    _CPU_ONLY.add(fn.__code__)
+    _CPU_ONLY.add((fn.__code__.co_filename, fn.__code__.co_name))
     return fn
 
 
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
           "masked_select", "unique", "unique_consecutive", "argwhere"}  # fmt: skip
-_ROOT = Path(__file__).resolve().parents[1]
 _PROJECT = tuple(str(_ROOT / d) + "/" for d in ("dtm_ds", "eval", "data_prep"))
 _SKIP = (str(Path(torch.__file__).parent) + "/", __file__)
 
@@ -103,7 +104,7 @@ class HostSyncs(TorchFunctionMode):
         origin = "project" if where.startswith(_PROJECT) else "deepspeed" if "/deepspeed/" in where else "other"
         origin = "torch" if inside_torch else origin
         outer = frame
-        while outer is not None and outer.f_code not in _CPU_ONLY:
+        while outer is not None and (outer.f_code.co_filename, outer.f_code.co_name) not in _CPU_ONLY:
             outer = outer.f_back
         origin = "cpu_only" if outer is not None else origin
         self.calls.append((origin, what, where))

@@ -95,3 +95,25 @@ def test_collectives_on_nccl_take_host_tensors(monkeypatch):
         assert distributed.on_rank0(lambda: {"a": 1}) == {"a": 1}
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_morphing_on_its_own_stream_equals_the_sequential_step():
+    """``GraphedMorph.launch`` replays the graph on a stream of its own while the main stream is busy (a
+    large matmul standing in for the student); after ``wait()`` the loss reads this micro-step's groups, not
+    the previous replay's: partitions and losses equal a sequential run bit for bit, over 10 micro-steps."""
+    from dtm_ds.morph import morphed_loss
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    busy = torch.randn(8192, 8192, device="cuda")
+    concurrent, sequential = GraphedMorph(cuda_graph=True), GraphedMorph(cuda_graph=True)
+    for _ in range(10):
+        targets = torch.randn(64, 196, 512, device="cuda", generator=gen)
+        pred = torch.randn(64, 196, 512, device="cuda", generator=gen)
+        schedule = sample_schedule([196, 196], [14, 14], gen)
+        pending = concurrent.launch(targets, lambda s=schedule: s.clone())
+        busy @ busy  # the main stream's work meanwhile
+        got = morphed_loss(pred, targets, pending.wait(), "smooth_l1", 2.0)
+        got_groups = pending.morphed.groups.clone()
+        want_morphed = sequential(targets, schedule)
+        want = morphed_loss(pred, targets, want_morphed, "smooth_l1", 2.0)
+        assert torch.equal(got_groups, want_morphed.groups) and torch.equal(got, want)

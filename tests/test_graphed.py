@@ -76,3 +76,20 @@ def test_gpu_check_rehearsal_with_the_wheelhouse(tmp_path):
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     done = _dry_run(tmp_path / "whl")
     assert done.returncode == 0 and "=== gpu_check: 7/7 parts passed ===" in done.stdout, done.stdout[-3000:]
+
+
+def test_launch_on_cpu_runs_at_once_with_the_schedule_it_sampled():
+    """``launch`` (the GPU's concurrent morphing) on CPU: sequential, the groups of a direct call with the
+    schedule that ``schedule_of`` returned, which the pending result keeps (the fault dump saves it)."""
+    gen = torch.Generator().manual_seed(2)
+    target = torch.randn(2, 49, 8, generator=gen)
+    graphed, drawn = GraphedMorph(), []
+
+    def schedule_of():
+        drawn.append(sample_schedule([49, 49], [7, 7], gen))
+        return drawn[-1]
+
+    pending = graphed.launch(target, schedule_of)
+    assert len(drawn) == 1 and pending.done is None and pending.schedule is drawn[0]
+    got, want = pending.wait(), graphed(target, drawn[0])
+    assert torch.equal(got.groups, want.groups) and got.slots == want.slots

@@ -178,3 +178,28 @@ def test_static_width_path_equals_eager_plan():
         assert torch.equal(eager, static)
         for i in range(4):
             assert canonical(eager[i].tolist()) == canonical(reference_groups(metric[i], merges[i].tolist()))
+
+
+def test_tokenwise_loss_is_the_plain_per_token_loss():
+    """The DTM-off baseline against torch's own losses, each with its gradient flowing to ``pred`` only."""
+    import torch.nn.functional as F
+
+    from dtm_ds.morph import tokenwise_loss
+
+    gen = torch.Generator().manual_seed(4)
+    pred = torch.randn(2, 9, 6, generator=gen, requires_grad=True)
+    target = torch.randn(2, 9, 6, generator=gen, requires_grad=True)
+    standard = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    want = {
+        ("smooth_l1", False): F.smooth_l1_loss(pred, target, beta=2.0),
+        ("l1", False): F.l1_loss(pred, target),
+        ("l2", False): F.mse_loss(pred, target),
+        ("negcosine", False): -F.cosine_similarity(pred, target, dim=-1).mean(),
+        ("l2", True): F.mse_loss(pred, standard),
+    }
+    for (loss, normalize), value in want.items():
+        got = tokenwise_loss(pred, target, loss, 2.0, normalize)
+        torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-7)
+        got.backward()
+        assert target.grad is None and pred.grad is not None
+        pred.grad = None
