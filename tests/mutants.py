@@ -110,6 +110,8 @@ MUTANTS = [
     Mutant("window: never skipped", "dtm_ds/engine.py", "self.optimizer.skip_next = last and dropped",
            "self.optimizer.skip_next = False", f"{TRAIN} -k nonfinite"),
     # host synchronisations, FLOPs
+    Mutant("loader thread: never told to stop", "dtm_ds/data/loader.py", "            self.stopped.set()",
+           "            pass", f"{AUG} -k loader_thread"),
     Mutant("window: an agreement per micro-step", "dtm_ds/engine.py", "if last:  # the window's one host sync",
            "if True:  # the window's one host sync", "tests/test_syncs.py -k real_loop"),
     Mutant("DeepSpeed: throughput timer on", "ds_configs/cpu.json", '"throughput": {"enabled": false}',

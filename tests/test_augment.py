@@ -170,3 +170,32 @@ def test_loader_masks_are_blocks_of_the_minimum_size(solid):
     sizes = _components(masks, 14)
     assert sizes.min() >= 12 and np.percentile(sizes, 5) >= 14, (sizes.min(), np.percentile(sizes, 5))
     assert sizes.mean() > 40, sizes.mean()  # blocks, not scattered patches
+
+
+def test_the_loader_thread_hands_on_items_in_order_errors_at_their_place_and_stops_when_left():
+    """``_Ahead`` (the loader's prepare-ahead thread): every item in order, a producer's error raised in the
+    consumer after the items before it, and a consumer that stops early ends the thread (no thread left
+    producing into a queue nobody reads)."""
+    from dtm_ds.data.loader import _Ahead
+
+    def produce(n, fail_at=None):
+        def items():
+            for i in range(n):
+                if i == fail_at:
+                    raise OSError(f"unreadable sample {i}")
+                yield {"i": torch.tensor(i)}
+
+        return items
+
+    assert [int(x["i"]) for x in _Ahead(produce(7), 2, torch.device("cpu"))] == list(range(7))
+    got = []
+    with pytest.raises(OSError, match="unreadable sample 3"):
+        for x in _Ahead(produce(7, fail_at=3), 2, torch.device("cpu")):
+            got.append(int(x["i"]))
+    assert got == [0, 1, 2]
+    ahead = _Ahead(produce(10**9), 2, torch.device("cpu"))
+    stream = iter(ahead)
+    assert int(next(stream)["i"]) == 0
+    stream.close()  # what a loop that breaks (or a dropped generator) does
+    ahead.thread.join(timeout=5)
+    assert not ahead.thread.is_alive() and ahead.items.qsize() <= 2
