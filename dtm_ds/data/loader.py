@@ -1,11 +1,13 @@
 """The pretraining loader: batches of augmented images and masks from an FFCV .beton or a data_prep
 source, in the run's global order (dtm_ds/data/order.py), on the training device."""
 
+import atexit
 import contextlib
 import dataclasses
 import itertools
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -84,20 +86,23 @@ class _Ahead:
     dropping the iterator) stops the thread at its next item."""
 
     _END = object()
+    _live: "weakref.WeakSet[_Ahead]" = weakref.WeakSet()
 
     def __init__(self, produce: Callable[[], Iterator[dict]], depth: int, device: torch.device):
         self.produce, self.device = produce, device
         self.items: queue.Queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="dtm-loader-ahead", daemon=True)
+        self._live.add(self)
         self.thread.start()
 
     def _run(self) -> None:
         cuda = self.device.type == "cuda"
         stream = torch.cuda.Stream(self.device) if cuda else None
+        items = self.produce()
         try:
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():  # noqa: SIM117
-                for item in self.produce():
+                for item in items:
                     event = torch.cuda.Event() if cuda else None
                     if cuda:
                         event.record(stream)
@@ -106,7 +111,18 @@ class _Ahead:
         except BaseException as err:  # noqa: BLE001 (handed to the consumer, raised there)
             self._put(err)
             return
+        finally:
+            items.close()  # the source's own iterators (DataLoader workers, FFCV threads) end here
         self._put(self._END)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """At interpreter exit: end every thread still producing (an iterator left unfinished, such as
+        ``next(iter(loader.epoch(0)))``) before the runtime tears down under it ("terminate called ...")."""
+        for ahead in list(cls._live):
+            ahead.stopped.set()
+        for ahead in list(cls._live):
+            ahead.thread.join(timeout=10)
 
     def _put(self, item) -> bool:
         while not self.stopped.is_set():
@@ -131,6 +147,9 @@ class _Ahead:
                 yield item
         finally:
             self.stopped.set()
+
+
+atexit.register(_Ahead.stop_all)
 
 
 def check_source(spec: LoaderSpec) -> None:
