@@ -4,10 +4,12 @@
   exports the decision to DeepSpeed, so the engine, the teacher, the batches and every collective follow it;
 * ``default_ds_config()``: the DeepSpeed JSON a run uses when none is named (GPU: ZeRO-2 bf16; CPU: fp32);
 * ``to_device()``: a host batch to the device through pinned memory, without waiting for the device;
-* ``cap_workers()``: loader workers capped by the cores this process may use, shared by the ranks of a node.
+* ``cap_workers()``: loader workers capped by the cores this process may use, shared by the ranks of a node;
+  ``quiet_worker`` is every DataLoader's ``worker_init_fn``: the stop signals are the main process's.
 """
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 
@@ -22,6 +24,7 @@ __all__ = [
     "cap_workers",
     "default_ds_config",
     "local_ranks",
+    "quiet_worker",
     "resolve_ds_config",
     "to_device",
     "usable_cores",
@@ -99,3 +102,13 @@ def cap_workers(requested: int, what: str, cores: int | None = None, ranks: int 
         print(f"{what}: {requested} workers capped at {share} ({cores} cores / {ranks} ranks on this node)",
               file=sys.stderr, flush=True)  # fmt: skip
     return share
+
+
+def quiet_worker(_worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are ignored. A job-wide SIGTERM (``scancel``,
+    ``systemctl stop``, ``kill -- -PGID``) and a terminal's Ctrl-C reach the workers too; torch's own handler
+    would end a worker, and its loader would raise in the main process before the run could save. The main
+    process owns the stop: it agrees on a window, saves and shuts the workers down (a worker whose parent is
+    gone exits by itself)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from data_prep.datasets import open_listing
 from data_prep.sources import Listing, select
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
-from dtm_ds.devices import accelerator, cap_workers, to_device
+from dtm_ds.devices import accelerator, cap_workers, quiet_worker, to_device
 from dtm_ds.pretrained import encoder_config, load_student
 from eval.classifier import ListingImages
 
@@ -109,7 +109,8 @@ def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, wo
         size, is_training=False, interpolation="bicubic", crop_pct=crop_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD
     )
     loader = DataLoader(ListingImages(listing, transform), batch_size=batch, num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)  # fmt: skip
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        worker_init_fn=quiet_worker)  # fmt: skip
     feats, labels = [], []
     for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True):
         labels.append(y)

@@ -29,7 +29,7 @@ from dtm_ds import devices, distributed, faults
 from dtm_ds.checkpoint import Checkpointer
 from dtm_ds.config import build_config
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
-from dtm_ds.devices import cap_workers, to_device
+from dtm_ds.devices import cap_workers, quiet_worker, to_device
 from dtm_ds.engine import (
     Windows,
     build_engine,
@@ -195,7 +195,7 @@ class FineTuner:
             order = list(range(distributed.rank(), len(dataset), distributed.world()))
         pin, ahead = self.device.type == "cuda", 4 if self.workers else None  # pinned: async copies to the GPU
         return DataLoader(dataset, self.micro, sampler=order, num_workers=self.workers, pin_memory=pin,
-                          prefetch_factor=ahead)  # fmt: skip
+                          prefetch_factor=ahead, worker_init_fn=quiet_worker)  # fmt: skip
 
     def train_epoch(self, log: RunLog) -> bool:
         """The rest of the current epoch, window by window; False when a stop signal ended it early (all

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_prep.sources import detect
 from dtm_ds.data.crops import crop_box, sample_key
 from dtm_ds.data.spec import LoaderSpec
+from dtm_ds.devices import quiet_worker
 
 __all__ = ["FolderSource"]
 
@@ -48,6 +49,7 @@ class FolderSource:
             sampler=items,
             num_workers=self.spec.workers,
             drop_last=True,
+            worker_init_fn=quiet_worker,  # a job-wide SIGTERM is the main process's to handle
             pin_memory=self.device.type == "cuda",  # batches land in pinned memory: the copy to the GPU is async
         )
         for images, labels in loader:

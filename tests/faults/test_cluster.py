@@ -56,10 +56,13 @@ def _stop(proc: subprocess.Popen, pid: int, sig: int) -> tuple[str, str, float]:
 
 
 def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, children first."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
+    """``pid`` and all its descendants, children first (those of every thread: the loader thread forks the
+    DataLoader workers)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += (task / "children").read_text().split()
+    if not Path(f"/proc/{pid}").exists():
         return []
     return [p for child in children for p in _tree(int(child))] + [pid]
 
@@ -385,3 +388,29 @@ def test_finetune_stop_on_two_ranks_saves_mid_epoch_and_resumes_exactly(pretrain
     _run(cmd(out, 29659))
     assert step_losses(out) == reference
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, pretrained, tmp_path, job):
+    """SIGTERM to every process of the job (``scancel``, ``systemctl stop``, ``kill -- -PGID``) with 2 DataLoader
+    workers: the workers ignore it (the main process owns the stop), the run agrees on a window, saves one
+    complete checkpoint and exits 0; torch's own worker handler would have ended them and the run with
+    "DataLoader worker ... is killed by signal: Terminated"."""
+    from tests.helpers import finetune_cmd
+
+    out = tmp_path / "run"
+    if job == "pretrain":
+        cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 4), 400, *LONG, "--run.save_every=1000")
+        cmd[cmd.index("--data.workers=0")] = "--data.workers=2"
+    else:
+        cmd = finetune_cmd(pretrained, ds_json(tmp_path / "ds.json", 8), out, "--train_per_class=7",
+                           "--eval_per_class=2", "--log_every=1", "--recipe.epochs=50")  # fmt: skip
+        cmd[cmd.index("--workers") + 1] = "2"
+    proc = _start(cmd)
+    wait_for_step(out, 3, proc)
+    assert len(_tree(proc.pid)) >= 3, "the loader workers did not start"
+    stdout, stderr, took = _stop(proc, -proc.pid, signal.SIGTERM)  # the process group: every process of the job
+    assert proc.returncode == 0 and took < 60, stderr[-2000:]
+    assert "stopped by a signal" in stdout and "killed by signal" not in stderr
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert is_complete(out / "checkpoints" / tag)
