@@ -109,6 +109,9 @@ MUTANTS = [
            "nonfinite = bad", f"{TRAIN} -k drops_exactly"),
     Mutant("window: never skipped", "dtm_ds/engine.py", "self.optimizer.skip_next = last and dropped",
            "self.optimizer.skip_next = False", f"{TRAIN} -k nonfinite"),
+    # stop signals
+    Mutant("loader workers: killed by a job-wide SIGTERM", "dtm_ds/devices.py", "        signal.signal(sig, signal.SIG_IGN)",
+           "        pass", "tests/faults/test_cluster.py -k job_wide"),
     # host synchronisations, FLOPs
     Mutant("loader thread: never told to stop", "dtm_ds/data/loader.py", "            self.stopped.set()",
            "            pass", f"{AUG} -k loader_thread"),

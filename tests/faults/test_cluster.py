@@ -400,7 +400,8 @@ def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, 
 
     out = tmp_path / "run"
     if job == "pretrain":
-        cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 4), 400, *LONG, "--run.save_every=1000")
+        ds = ds_json(tmp_path / "ds.json", 2, accum=8)  # a window longer than the 2 batches the loader holds ready
+        cmd = train_cmd(image_folder, out, ds, 400, *LONG, "--run.save_every=1000")
         cmd[cmd.index("--data.workers=0")] = "--data.workers=2"
     else:
         cmd = finetune_cmd(pretrained, ds_json(tmp_path / "ds.json", 8), out, "--train_per_class=7",
