@@ -227,6 +227,16 @@ class RunConfig:
     dist_timeout_s: float = 600
     """Seconds a collective waits for a hung rank before the run fails (a dead rank fails it at once)."""
 
+    def __post_init__(self):
+        at_least = {"save_every": 1, "keep_last": 1, "log_every": 1, "vis_every": 0, "max_nonfinite": 1}
+        bad = [f"run.{k}={getattr(self, k)} (at least {low})" for k, low in at_least.items() if getattr(self, k) < low]
+        if self.max_steps is not None and self.max_steps < 1:
+            bad.append(f"run.max_steps={self.max_steps} (at least 1, or unset for the whole schedule)")
+        if not self.dist_timeout_s > 0:
+            bad.append(f"run.dist_timeout_s={self.dist_timeout_s} (more than 0 seconds)")
+        if bad:
+            raise ValueError("out of range: " + "; ".join(bad))
+
 
 @dataclass
 class Config:

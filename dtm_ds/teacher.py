@@ -147,6 +147,12 @@ def _weights_file(cfg: TeacherConfig) -> Path:
     path = Path(cfg.weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head:
+        raise ValueError(f"teacher weights file {path} is empty")
+    if head.lstrip()[:1] == b"<" or head.lstrip()[:9].lower() == b"<!doctype":
+        raise ValueError(f"teacher weights file {path} is a web page (HTML), not weights: download the file itself")
     return path
 
 
@@ -234,7 +240,16 @@ def _checkpoint(path: str, model: ModelConfig) -> Teacher:
 
 
 def _read_state(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # random bytes, a cut download, a pickle of other objects: one line naming the file
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"teacher weights file {path} ({path.stat().st_size} bytes) is not a readable torch state dict or "
+            f"OpenAI archive ({type(err).__name__}: {first}); is the file complete?"
+        ) from err
+    if not isinstance(state, dict):
+        raise ValueError(f"teacher weights file {path} holds a {type(state).__name__}, not a state dict")
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -42,6 +42,7 @@ from dtm_ds.engine import (
     set_lr,
     stop_on_signals,
 )
+from dtm_ds.files import check_writable
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
 from dtm_ds.morph import morphed_loss, sample_schedule, tokenwise_loss
@@ -313,8 +314,9 @@ def main(
 def check_inputs(config: Config, ds_path: str, world: int) -> dict:
     """Every file and setting a run reads, checked for ``world`` ranks before any distributed set-up; returns
     the DeepSpeed config. The data source is opened (its header or listing), the teacher's files are
-    looked for, an existing run folder's records are compared."""
+    looked for, an existing run folder's records are compared, the run folder can be written."""
     engine_cfg = engine_config(ds_path, world, config.optim.batch_size)
+    check_writable(config.run.output_dir, "run.output_dir")
     check_source(loader_spec(config, engine_cfg, 0, world))
     check_teacher_files(config.teacher)
     check_records(config, engine_cfg, world)

@@ -47,13 +47,24 @@ class LoaderSpec:
 
 
 def check_beton(path: str | Path) -> int:
-    """Number of samples of a .beton; clear errors for a missing or unreadable one, before any work."""
+    """Number of samples of a .beton; clear errors for a missing or unreadable one, or one of another field layout,
+    before any work."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} does not exist (convert one with: python -m data_prep.write_ffcv)")
     from ffcv.reader import Reader
 
     try:
-        return Reader(str(path)).num_samples
+        reader = Reader(str(path))
     except Exception as err:  # FFCV raises assorted errors for truncated/foreign files
         raise ValueError(f"{path} is not a readable FFCV .beton ({type(err).__name__}: {err})") from err
+    from ffcv.fields import IntField, RGBImageField
+
+    fields = reader.handlers
+    layout = {name: type(field).__name__ for name, field in fields.items()}
+    if not (isinstance(fields.get("image"), RGBImageField) and isinstance(fields.get("label"), IntField)):
+        raise ValueError(
+            f"{path} holds the fields {layout}; the loaders read an RGBImageField 'image' and an IntField 'label' "
+            "(write it with: python -m data_prep.write_ffcv)"
+        )
+    return reader.num_samples

@@ -52,6 +52,21 @@ def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
     pre = dict(ds_config=good_ds, model="tiny", output_dir=run, max_steps=2)
     data = {"data.path": str(imgs), "data.workers": 0}
     torch.save({"blocks.0.nonsense": torch.zeros(3)}, tmp / "wrong_teacher.pt")
+    whole = (tmp / "wrong_teacher.pt").read_bytes()
+    (tmp / "cut_teacher.pt").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    (tmp / "empty_teacher.pt").write_bytes(b"")
+    (tmp / "page_teacher.pt").write_text("<!DOCTYPE html>\n<html><body>Sign in to download</body></html>\n")
+    from ffcv.fields import IntField
+    from ffcv.writer import DatasetWriter
+
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return (i,)
+
+    DatasetWriter(str(tmp / "numbers.beton"), {"number": IntField()}, num_workers=1).from_indexed_dataset(Numbers())
     cub = tmp / "CUB_200_2011"  # images.txt lists an image that is not there
     (cub / "images" / "001.A").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(cub / "images" / "001.A" / "a.jpg")
@@ -93,6 +108,16 @@ def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
         ("dtm_ds/train.py", "batch larger than the dataset", lambda: pretrain(**(pre | {"ds_config": _ds(tmp / "big.json", train_micro_batch_size_per_gpu=32)}), **data), "the global batch (32 per rank x accumulation 1 x 1 ranks) is larger than the 16 samples"),
         ("dtm_ds/train.py", "teacher weights file missing", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "no.pt")}), "no.pt does not exist"),
         ("dtm_ds/train.py", "teacher weights of another model", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "wrong_teacher.pt")}), "wrong_teacher.pt do not fit teacher timm:vit_tiny_patch16_224"),
+        ("dtm_ds/train.py", "teacher weights: random bytes", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "junk.bin")}), "junk.bin (4096 bytes) is not a readable torch state dict"),
+        ("dtm_ds/train.py", "teacher weights: random bytes (CLIP)", lambda: pretrain(**pre, **data, **{"teacher.name": "clip:ViT-B-16", "teacher.weights": str(tmp / "junk.bin")}), "junk.bin (4096 bytes) is not a readable torch state dict"),
+        ("dtm_ds/train.py", "teacher weights: a cut download", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "cut_teacher.pt")}), "cut_teacher.pt ("),
+        ("dtm_ds/train.py", "teacher weights: an empty file", lambda: pretrain(**pre, **data, **{"teacher.name": "timm:vit_tiny_patch16_224", "teacher.weights": str(tmp / "empty_teacher.pt")}), "empty_teacher.pt is empty"),
+        ("dtm_ds/train.py", "teacher weights: an HTML page", lambda: pretrain(**pre, **data, **{"teacher.name": "clip:ViT-B-16", "teacher.weights": str(tmp / "page_teacher.pt")}), "page_teacher.pt is a web page (HTML)"),
+        ("dtm_ds/train.py", ".beton of another field layout", lambda: pretrain(**pre, **{"data.path": str(tmp / "numbers.beton"), "data.backend": "ffcv"}), "holds the fields {'number': 'IntField'}"),
+        ("dtm_ds/train.py", "output folder behind a file", lambda: pretrain(**(pre | {"output_dir": str(tmp / "list.txt" / "run")}), **data), "list.txt is a file"),
+        ("dtm_ds/train.py", "--max_steps 0", lambda: pretrain(**(pre | {"max_steps": 0}), **data), "run.max_steps=0 (at least 1, or unset"),
+        ("dtm_ds/train.py", "--max_steps -1", lambda: pretrain(**(pre | {"max_steps": -1}), **data), "run.max_steps=-1 (at least 1"),
+        ("dtm_ds/train.py", "zero intervals and keep_last, no timeout", lambda: pretrain(**pre, **data, **{"run.save_every": 0, "run.log_every": 0, "run.keep_last": 0, "run.dist_timeout_s": 0}), "run.save_every=0 (at least 1); run.keep_last=0 (at least 1); run.log_every=0 (at least 1); run.dist_timeout_s=0"),
         ("dtm_ds/train.py", "unknown teacher kind", lambda: pretrain(**pre, **data, **{"teacher.name": "dino:vit"}), "got 'dino:vit'"),
         ("eval/finetune.py", "unknown dataset", lambda: finetune(pretrained, **(fm | {"dataset": "cifar"})), "--dataset 'cifar' is not a recipe"),
         ("eval/finetune.py", "encoder path does not exist", lambda: finetune(str(tmp / "no_run"), **fm), "no_run"),
