@@ -85,6 +85,14 @@ class Job:
     log_every: int = 10
     """Optimizer steps between lines of metrics.jsonl."""
 
+    def __post_init__(self):
+        at_least = {"keep_last": 1, "log_every": 1, "workers": 0, "train_per_class": 1, "eval_per_class": 1,
+                    "max_epochs": 1}  # fmt: skip
+        bad = [f"--{k}={getattr(self, k)} (at least {low})" for k, low in at_least.items()
+               if getattr(self, k) is not None and getattr(self, k) < low]  # fmt: skip
+        if bad:
+            raise ValueError("out of range: " + "; ".join(bad))
+
 
 def layer_groups(model: torch.nn.Module, recipe: Recipe) -> list[dict]:
     """The optimizer's parameter groups: timm's layer-wise lr decay (``lr_scale`` = layer_decay ** (depth + 1 -

@@ -124,6 +124,7 @@ def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
         ("eval/finetune.py", "dataset root does not exist", lambda: finetune(pretrained, **(fm | {"dataset": "cub", "data": str(tmp / "no_cub")})), "cub root"),
         ("eval/finetune.py", "images listed but missing (CUB)", lambda: finetune(pretrained, **(fm | {"dataset": "cub", "data": str(cub)})), "1 listed images are absent, e.g."),
         ("eval/finetune.py", "label beyond the class list (CUB)", lambda: finetune(pretrained, **(fm | {"dataset": "cub", "data": str(cub_labels)})), "class index 6 (0-based; valid 0..0)"),
+        ("eval/finetune.py", "zero epochs, keep_last and log interval", lambda: finetune(pretrained, **fm, max_epochs=0, keep_last=0, log_every=0), "--keep_last=0 (at least 1); --log_every=0 (at least 1); --max_epochs=0 (at least 1)"),
         ("eval/finetune.py", "unknown option", lambda: finetune(pretrained, **fm, epochz=3), "'epochz': did you mean 'recipe.epochs'?"),
         ("eval/finetune.py", "recipe batch != DeepSpeed JSON", lambda: finetune(pretrained, **(fm | {"recipe.batch_size": 100})), "recipe.batch_size = 100 but micro batch 8 x accumulation 1 x world 1 = 8"),
         ("eval/knn.py", "encoder path does not exist", lambda: knn(str(tmp / "no_run"), train="fashion_mnist", val="fashion_mnist", dataset="fmnist"), "no_run"),
