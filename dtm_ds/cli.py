@@ -21,11 +21,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from dtm_ds.files import ROOT
+from dtm_ds.files import ROOT, FolderInUse
 
 __all__ = ["USER_ERRORS", "dataclass_rows", "describe", "describe_config", "function_rows", "run"]
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FolderInUse)
 
 
 def run(main: Callable, describe: Callable[[], str], exit_at_once: bool = False) -> None:

@@ -18,6 +18,7 @@ from dtm_ds.devices import ROOT
 __all__ = [
     "Watchdog",
     "agree",
+    "lock_run_folder",
     "backend",
     "barrier",
     "check_world",
@@ -161,6 +162,23 @@ def agree(flag: torch.Tensor, local: bool) -> tuple[bool, bool]:
         torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
     first, second = both.tolist()
     return first > 0, second > 0
+
+
+def lock_run_folder(folder: str | Path):
+    """Rank 0 takes the run folder's lock (``files.FolderLock``) and every rank learns whether it could: a second
+    launch on a folder in use (a requeue while the old job still runs) raises ``FolderInUse`` on every rank
+    before anything is written, naming the holder. Returns the lock (keep it: it is held while it lives)."""
+    from dtm_ds.files import FolderInUse, FolderLock
+
+    lock = FolderLock(folder)
+    holder = lock.acquire() if rank() == 0 else None
+    _, refused = agree(torch.zeros((), dtype=torch.bool, device=comm_device()), holder is not None)
+    if refused:
+        who = holder or "another launch (rank 0 found its lock)"
+        raise FolderInUse(f"{folder} is in use by {who}; two launches on one run folder would overwrite each "
+                          "other's checkpoints. Wait for that job to end (its lock goes with it) or use another "
+                          "output folder")  # fmt: skip
+    return lock
 
 
 def barrier() -> None:

@@ -287,11 +287,12 @@ def main(
     loader = PretrainLoader(loader_spec(config, engine_cfg, distributed.rank(), world), device)
     saver = Checkpointer(out, "step", config.run.keep_last)
     schedule = Schedule.of(config, engine_cfg, loader)
-    start = saver.plan(engine_cfg, world, schedule.max_steps)  # another world: through the universal format
-    if start.step >= schedule.max_steps:  # a finished run re-run writes nothing
+    if (done := saver.latest()[1]) >= schedule.max_steps:  # a finished run re-run writes nothing
         if rank0:
-            print(finished_message(out, start.step, schedule.max_steps), flush=True)
+            print(finished_message(out, done, schedule.max_steps), flush=True)
         return
+    lock = distributed.lock_run_folder(out)  # noqa: F841 (held while main runs): a second launch here exits 2
+    start = saver.plan(engine_cfg, world, schedule.max_steps)  # another world: through the universal format
     parts = build(config, start.engine_config(engine_cfg), device, loader, schedule)  # errors: nothing written yet
     if rank0:
         write_records(parts.config, engine_cfg, world)  # with the teacher's width

@@ -363,6 +363,7 @@ def main(
     distributed.check_world(world)
     tuner = FineTuner(job, recipe, engine_cfg, device, sets)  # encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
+    lock = distributed.lock_run_folder(job.output_dir)  # noqa: F841 (held while main runs): a second launch exits 2
     if distributed.rank() == 0:
         print(f"fine-tuning on {distributed.world()} x {device.type} ({distributed.backend()}); DeepSpeed config "
               f"{ds_path} ({chosen}); {tuner.workers} loader workers per rank", flush=True)  # fmt: skip

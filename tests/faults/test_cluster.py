@@ -415,3 +415,24 @@ def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, 
     assert "stopped by a signal" in stdout and "killed by signal" not in stderr
     tag = (out / "checkpoints" / "latest").read_text()
     assert is_complete(out / "checkpoints" / tag)
+
+
+def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_it(image_folder, tmp_path):
+    """Two launches on one output folder (a requeue while the old job still runs): the second exits 2 before
+    writing anything, naming the holder's host and pid; the lock dies with its holder (SIGKILL: no clean-up
+    ran), so the next launch resumes."""
+    import socket
+
+    out, ds = tmp_path / "run", ds_json(tmp_path / "ds.json", 4)
+    first = _start(train_cmd(image_folder, out, ds, 400, *LONG, "--run.save_every=2"))
+    try:
+        wait_for_step(out, 3, first)
+        second = _run(train_cmd(image_folder, out, ds, 400, *LONG, "--run.save_every=2"), check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by host {socket.gethostname()} pid {first.pid} since " in second.stderr
+        assert "pretraining tiny on" not in second.stdout  # refused before the build (and any write)
+    finally:
+        _stop(first, first.pid, signal.SIGKILL)
+    saved = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
+    third = _run(train_cmd(image_folder, out, ds, saved + 2, *LONG, "--run.save_every=2"))
+    assert "resumed from step" in third.stdout and json.loads(third.stdout.strip().splitlines()[-1])["done"]
