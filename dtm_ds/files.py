@@ -65,5 +65,13 @@ class FolderLock:
             f"host {socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
             0,
         )
-        self.fd = fd  # held until this process ends
+        self.fd = fd  # held until this process ends or the lock is dropped
         return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+    def __del__(self):  # a main() that raised in a process that goes on (tests calling main in-process)
+        self.release()
