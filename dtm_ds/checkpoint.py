@@ -4,6 +4,7 @@ dtm_ds/pretrained.py."""
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from dtm_ds.files import write_atomic
 
 __all__ = [
     "CHECKPOINTS", "COMPLETE", "STAGING", "UNIVERSAL", "CheckpointError", "Checkpointer", "Resume",
-    "checkpoint_dir", "is_complete", "latest_tag", "weights_only",
+    "checkpoint_dir", "damage", "is_complete", "latest_tag", "weights_only",
 ]  # fmt: skip
 
 CHECKPOINTS = "checkpoints"
@@ -61,6 +62,27 @@ def _sizes(tag_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*")) if p.is_file()}
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def damage(tag_dir: Path) -> str | None:
+    """None when every file of a complete checkpoint matches the SHA-256 its record holds; else what is wrong
+    (the first file that does not), in words. Reads every byte: run once, before a resume."""
+    record = json.loads((tag_dir / COMPLETE).read_text())
+    sums = record.get("sha256")
+    if not isinstance(sums, dict) or set(sums) != set(record["files"]):
+        return f"its {COMPLETE} holds no checksum for every file (written by an older dtm_ds?)"
+    for name, want in sums.items():
+        if _sha256(tag_dir / name) != want:
+            return f"{name} does not match its recorded SHA-256 (bytes changed on disk)"
+    return None
+
+
 def is_complete(tag_dir: Path) -> bool:
     """True when ``tag_dir`` has its completion record and every file it lists has the recorded size."""
     try:
@@ -75,14 +97,23 @@ def _checkpoint_step(output_dir: str | Path, tag: str) -> int:
     return int(json.loads((checkpoint_dir(output_dir) / tag / COMPLETE).read_text())["step"])
 
 
-def latest_tag(output_dir: str | Path, prefix: str = "") -> str | None:
+def latest_tag(output_dir: str | Path, prefix: str = "", verify: bool = False) -> str | None:
     """The newest complete checkpoint (``<prefix>*``, by name). Newer folders that a kill or a full disk
-    cut off mid-write are passed over with a warning; they are never resumed from."""
+    cut off mid-write are passed over with a warning; they are never resumed from.
+
+    ``verify`` (a resume): a complete checkpoint whose bytes no longer match its checksums is passed over too,
+    with a warning naming the file; and when checkpoints exist but none is intact, ``CheckpointError``: a run
+    never silently restarts from zero over its own damaged checkpoints."""
     folder = checkpoint_dir(output_dir)
     tags = sorted((p for p in folder.glob(f"{prefix}*") if p.is_dir() and p.name != "best"), reverse=True)
-    skipped = []
+    skipped, damaged = [], []
     for tag_dir in tags:
-        if is_complete(tag_dir):
+        if not is_complete(tag_dir):
+            skipped.append(tag_dir.name)
+        elif verify and (why := damage(tag_dir)):
+            warnings.warn(f"checkpoint {tag_dir} is damaged: {why}; not resuming from it", stacklevel=2)
+            damaged.append(tag_dir.name)
+        else:
             if skipped:
                 warnings.warn(
                     f"checkpoint(s) {skipped} in {folder} are incomplete (cut off mid-write); "
@@ -90,7 +121,11 @@ def latest_tag(output_dir: str | Path, prefix: str = "") -> str | None:
                     stacklevel=2,
                 )
             return tag_dir.name
-        skipped.append(tag_dir.name)
+    if verify and tags:
+        raise CheckpointError(
+            f"no intact checkpoint in {folder} (damaged: {damaged}, incomplete: {skipped}); refusing to restart "
+            "from step 0 over them. Restore one from a backup, or move the folder away to start afresh"
+        )
     if skipped:
         warnings.warn(f"no complete checkpoint in {folder}; incomplete: {skipped}; starting from scratch", stacklevel=2)
     return None
@@ -151,13 +186,16 @@ def save(
 
 
 def _publish(staging: Path, tag_dir: Path, step: int) -> None:
-    """Record a fully written staging folder as complete and rename it to ``tag_dir``. An existing
-    ``tag_dir`` (``best``) is moved aside first and removed only after the new one is in place."""
-    for p in staging.rglob("*"):
+    """Record a fully written staging folder as complete (each file's size and SHA-256) and rename it to
+    ``tag_dir``. An existing ``tag_dir`` (``best``) is moved aside first and removed only after the new one is
+    in place."""
+    sums = {}
+    for p in sorted(staging.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    write_atomic(staging / COMPLETE, json.dumps({"step": step, "files": _sizes(staging)}))
+            sums[str(p.relative_to(staging))] = _sha256(p)  # verified before a resume (``damage``)
+    write_atomic(staging / COMPLETE, json.dumps({"step": step, "files": _sizes(staging), "sha256": sums}))
     old = tag_dir.with_name(f"{STAGING}old-{tag_dir.name}")
     if tag_dir.exists():
         os.rename(tag_dir, old)
@@ -271,7 +309,8 @@ class Checkpointer:
         not restore exactly); stage 0 keeps the state whole and loads on any world as is."""
         from dtm_ds import distributed
 
-        tag, step = self.latest()
+        tag = distributed.on_rank0(lambda: latest_tag(self.output_dir, self.prefix, verify=True))  # read once
+        step = _checkpoint_step(self.output_dir, tag) if tag else 0
         saved_on = _zero_ranks(self.output_dir, tag) if tag else 0
         if saved_on in (0, world) or (max_steps is not None and step >= max_steps):
             return Resume(tag, step)

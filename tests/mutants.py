@@ -102,6 +102,8 @@ MUTANTS = [
            "tests/test_cli.py -k one_option_parser"),
     Mutant("records: a missing field guessed", "dtm_ds/config.py",
            "if f.name not in tree[s]]", "if f.name not in tree[s] and False]", f"{TRAIN} -k record_without"),
+    Mutant("resume: checksums not verified", "dtm_ds/checkpoint.py", "elif verify and (why := damage(tag_dir)):",
+           "elif False and (why := damage(tag_dir)):", "tests/faults/test_checkpoint_records.py -k damaged"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

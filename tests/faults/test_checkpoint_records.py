@@ -1,10 +1,11 @@
 """Which checkpoint folder a resume picks: the newest complete one, never a cut one."""
 
+import hashlib
 import json
 
 import pytest
 
-from dtm_ds.checkpoint import COMPLETE, STAGING, _publish, is_complete, latest_tag
+from dtm_ds.checkpoint import COMPLETE, STAGING, CheckpointError, _publish, damage, is_complete, latest_tag
 
 
 def _tag(root, name, files: dict[str, bytes], record: dict | None = "auto"):
@@ -67,5 +68,37 @@ def test_publishing_over_an_existing_tag_keeps_one_complete_copy_at_every_moment
     staging = _tag(tmp_path, f"{STAGING}best", {"model.pt": b"new!"}, record=None)
     _publish(staging, old, 7)
     assert is_complete(old) and (old / "model.pt").read_bytes() == b"new!" and not staging.exists()
-    assert json.loads((old / COMPLETE).read_text()) == {"step": 7, "files": {"model.pt": 4}}
+    record = json.loads((old / COMPLETE).read_text())
+    sha = hashlib.sha256(b"new!").hexdigest()  # an independent digest of the bytes written
+    assert record == {"step": 7, "files": {"model.pt": 4}, "sha256": {"model.pt": sha}}
     assert sorted(p.name for p in old.parent.iterdir()) == ["best"]  # the old copy is gone after the swap
+
+
+def _published(root, name, data: bytes):
+    staging = _tag(root, f"{STAGING}{name}", {"model.pt": data}, record=None)
+    _publish(staging, root / "checkpoints" / name, int(name[-8:]))
+    return root / "checkpoints" / name
+
+
+def test_a_damaged_checkpoint_is_passed_over_on_resume_and_none_intact_is_refused(tmp_path):
+    """Bytes changed inside a file (same size: the size check cannot see it) fail its SHA-256: a resume falls
+    back to the previous intact checkpoint with a warning naming the file; when none is intact, an error
+    rather than a restart from step 0; a record without checksums is not trusted either."""
+    _published(tmp_path, "step00000004", b"four" * 100)
+    newest = _published(tmp_path, "step00000008", b"eight" * 100)
+    assert damage(newest) is None and latest_tag(tmp_path, "step", verify=True) == "step00000008"
+    data = bytearray((newest / "model.pt").read_bytes())
+    data[250] ^= 0x01  # one flipped bit inside the file
+    (newest / "model.pt").write_bytes(bytes(data))
+    assert is_complete(newest) and "model.pt does not match its recorded SHA-256" in damage(newest)
+    assert latest_tag(tmp_path, "step") == "step00000008"  # the listing alone does not read the bytes
+    with pytest.warns(UserWarning, match=r"step00000008 is damaged: model.pt does not match"):
+        assert latest_tag(tmp_path, "step", verify=True) == "step00000004"
+    (tmp_path / "checkpoints" / "step00000004" / "model.pt").write_bytes(b"FOUR" * 100)
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(CheckpointError, match=r"no intact checkpoint .*\(damaged: \['step00000008', 'step00000004'\]"),
+    ):
+        latest_tag(tmp_path, "step", verify=True)
+    old = _tag(tmp_path / "old", "step00000004", {"model.pt": b"x"})  # sizes only: an older record
+    assert "holds no checksum" in damage(old)

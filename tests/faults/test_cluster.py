@@ -436,3 +436,31 @@ def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_i
     saved = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
     third = _run(train_cmd(image_folder, out, ds, saved + 2, *LONG, "--run.save_every=2"))
     assert "resumed from step" in third.stdout and json.loads(third.stdout.strip().splitlines()[-1])["done"]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_refused(image_folder, tmp_path):
+    """One flipped byte inside a tensor of the newest checkpoint (its size unchanged): the resume warns naming
+    the file and continues from the previous checkpoint, with the losses of an uninterrupted run; with
+    ``keep_last=1`` and the only checkpoint damaged, exit 2 instead of a restart from step 0."""
+
+    def flip(tag_dir: Path) -> None:
+        states = tag_dir / "mp_rank_00_model_states.pt"
+        data = bytearray(states.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        states.write_bytes(bytes(data))
+
+    ds = ds_json(tmp_path / "ds.json", 4)
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    _run(train_cmd(image_folder, whole, ds, 10, "--run.keep_last=2"))
+    _run(train_cmd(image_folder, out, ds, 8, "--run.keep_last=2"))  # checkpoints at steps 4 and 8
+    flip(out / "checkpoints" / "step00000008")
+    resumed = _run(train_cmd(image_folder, out, ds, 10, "--run.keep_last=2"))
+    assert "step00000008 is damaged: mp_rank_00_model_states.pt does not match its recorded SHA-256" in resumed.stderr
+    assert "resumed from step00000004" in resumed.stdout
+    assert step_losses(out) == step_losses(whole)  # steps 5..8 recomputed as they were
+    only = tmp_path / "only"
+    _run(train_cmd(image_folder, only, ds, 4, "--run.keep_last=1"))
+    flip(only / "checkpoints" / "step00000004")
+    refused = _run(train_cmd(image_folder, only, ds, 6, "--run.keep_last=1"), check=False)
+    assert refused.returncode == 2 and "no intact checkpoint" in refused.stderr, refused.stderr[-2000:]
+    assert "refusing to restart from step 0" in refused.stderr and len(step_losses(only)) == 4
