@@ -144,8 +144,9 @@ def save(
     rank 0 syncs them, writes the completion record, renames the folder to ``<tag>`` and moves
     ``latest``, then removes all but the newest ``keep_last`` complete checkpoints. So a complete
     checkpoint is never touched before its successor is complete, and a kill at any moment leaves at
-    worst a staging folder, which nothing resumes from and the next save removes. A failed write (full
-    disk) removes the staging folder and raises ``CheckpointError``. ``tag`` fixes the name (``best``)."""
+    worst a staging folder, which nothing resumes from and the next save removes. A failed write (a full
+    disk) on any rank is agreed by every rank: the staging folder is removed and every rank raises
+    ``CheckpointError``, the failing one naming its error. ``tag`` fixes the name (``best``)."""
     from dtm_ds import distributed
 
     folder = checkpoint_dir(output_dir)
@@ -157,19 +158,35 @@ def save(
         for stale in folder.glob(f"{STAGING}*"):  # left by a save that was killed
             shutil.rmtree(stale, ignore_errors=True)
     distributed.barrier()
-    failure = None
+    failures, write = [], engine.checkpoint_engine.save
+
+    def write_or_note(state_dict, path):  # a failed file is noted, not raised: DeepSpeed's save goes on
+        try:  # through its own collectives, so no rank is left waiting in one of them
+            return write(state_dict, path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+            failures.append(f"{type(e).__name__}: {str(e).strip()[:200]}")
+
+    engine.checkpoint_engine.save = write_or_note
     try:
         engine.save_checkpoint(str(folder), tag=staging.name, client_state=client_state, save_latest=False)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        failure = f"{type(e).__name__}: {str(e).strip()[:200]}"
-    if failure is not None:  # outside the handler: the failed writer's open file goes with its frames
-        gc.collect()
+    except (OSError, RuntimeError) as e:  # a write outside the checkpoint engine
+        failures.append(f"{type(e).__name__}: {str(e).strip()[:200]}")
+    finally:
+        engine.checkpoint_engine.save = write
+    failure = failures[0] if failures else None
+    _, failed_anywhere = distributed.agree(torch.zeros((), dtype=torch.bool, device=distributed.comm_device()),
+                                           failure is not None)  # fmt: skip
+    if failed_anywhere:  # every rank stops here, each saying what it saw (not "lost contact")
+        gc.collect()  # outside the handler: the failed writer's open file goes with its frames
+        distributed.barrier()
         if rank0:
             shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
         previous = latest_tag(output_dir, prefix)
         free = shutil.disk_usage(folder).free / 2**20
+        what = f"failed ({failure})" if failure else "failed on another rank (its own error line says why)"
         raise CheckpointError(
-            f"writing checkpoint {folder / tag} failed ({failure}); {free:.1f} MiB are free on its disk after "
+            f"writing checkpoint {folder / tag} {what}; {free:.1f} MiB are free on its disk after "
             f"removing the partial folder. The last complete checkpoint, {previous or 'none'}, is intact: "
             "free space and re-run the same command to resume."
         )

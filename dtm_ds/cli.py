@@ -43,8 +43,9 @@ def run(main: Callable, describe: Callable[[], str], exit_at_once: bool = False)
     except Exception as err:
         if os.environ.get("DTM_TRACEBACK") or not _is_user_error(err):
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr, flush=True)
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1  # every rank says its own error, naming itself
+        print(f"error (rank {os.environ.get('RANK', '0')}): {err}" if multi else f"error: {err}", file=sys.stderr,
+              flush=True)  # fmt: skip
         sys.exit(2)
     if exit_at_once:
         sys.stdout.flush()

@@ -7,10 +7,12 @@ Nothing here is in the user's config; with the variable unset every function is 
     DTM_FAULTS='{"kill_in_save": 8}'                   # SIGKILL halfway through writing checkpoint 8's first file
     DTM_FAULTS='{"kill_in_save": 8, "fraction": 0.2}'  # ... after 20% of its bytes
     DTM_FAULTS='{"kill_in_save": 8, "file": 1}'        # ... of its second file
+    DTM_FAULTS='{"full_in_save": 8, "rank": 1}'        # rank 1's disk is full when it writes checkpoint 8
     DTM_FAULTS='{"sigterm_micro": 3}'                  # this process sends itself SIGTERM at micro-step 3
     DTM_FAULTS='{"dump_micro": 0, "dump_to": "x.pt"}'  # save micro-step 0's batch, targets, outputs, schedule
 """
 
+import errno
 import io
 import json
 import os
@@ -52,8 +54,15 @@ def dump(micro: int, **tensors: torch.Tensor | None) -> None:
 
 def arm_checkpoint_kill(engine, index: int) -> None:
     """Before the save of checkpoint ``index`` (a step or an epoch): when asked, the engine's n-th file of
-    that save gets a fraction of its bytes, then this process is killed."""
+    that save gets a fraction of its bytes, then this process is killed; or (``full_in_save``) every write of
+    that save fails as on a full disk."""
     faults = _faults()
+    if faults.get("full_in_save") == index and faults.get("rank") in (None, int(os.environ.get("RANK", "0"))):
+
+        def full(state_dict, path: str) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+        engine.checkpoint_engine.save = full
     if faults.get("kill_in_save") != index:
         return
     fraction, target, written = faults.get("fraction", 0.5), faults.get("file", 0), []

@@ -104,6 +104,8 @@ MUTANTS = [
            "if f.name not in tree[s]]", "if f.name not in tree[s] and False]", f"{TRAIN} -k record_without"),
     Mutant("resume: checksums not verified", "dtm_ds/checkpoint.py", "elif verify and (why := damage(tag_dir)):",
            "elif False and (why := damage(tag_dir)):", "tests/faults/test_checkpoint_records.py -k damaged"),
+    Mutant("save: a failed write on one rank not agreed", "dtm_ds/checkpoint.py", "failure is not None)  # fmt: skip",
+           "False)  # fmt: skip", "tests/faults/test_cluster.py -k full_disk_on_rank_1"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

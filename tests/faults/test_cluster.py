@@ -464,3 +464,22 @@ def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_refused(image
     refused = _run(train_cmd(image_folder, only, ds, 6, "--run.keep_last=1"), check=False)
     assert refused.returncode == 2 and "no intact checkpoint" in refused.stderr, refused.stderr[-2000:]
     assert "refusing to restart from step 0" in refused.stderr and len(step_losses(only)) == 4
+
+
+def test_a_full_disk_on_rank_1_is_said_by_rank_1_and_every_rank_exits(image_folder, tmp_path):
+    """2 ranks, ZeRO-1 (each rank writes its optimizer shard); rank 1's writes of checkpoint 4 fail as on a full
+    disk. Every rank agrees the save failed and exits 2 with its own line: rank 1 names ENOSPC, rank 0 says
+    another rank failed; neither says only "lost contact". The checkpoint of step 2 is intact; the re-run
+    resumes from it."""
+    ds = ds_json(tmp_path / "ds.json", 4, stage=1)
+    out = tmp_path / "run"
+    cmd = _two_ranks(29681, image_folder, out, ds, 6, "--run.save_every=2")
+    full = _run(cmd, env=run_env({"full_in_save": 4, "rank": 1}), check=False)
+    assert full.returncode != 0
+    said = r"error \(rank 1\): writing checkpoint \S+step00000004 failed \(OSError: \[Errno 28\] No space left"
+    assert re.search(said, full.stderr), full.stderr[-3000:]
+    assert "error (rank 0): writing checkpoint" in full.stderr and "failed on another rank" in full.stderr
+    assert "lost contact" not in full.stderr and "The last complete checkpoint, step00000002, is intact" in full.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step00000002"
+    resumed = _run(_two_ranks(29682, image_folder, out, ds, 6, "--run.save_every=2"))
+    assert "resumed from step00000002" in resumed.stdout
