@@ -41,6 +41,7 @@ from dtm_ds.engine import (
     set_lr,
     stop_on_signals,
 )
+from dtm_ds.files import write_atomic
 from dtm_ds.logs import RunLog
 from dtm_ds.options import parse_options
 from dtm_ds.pretrained import encoder_config
@@ -111,6 +112,42 @@ def ladder(architecture, recipe: Recipe, classes: int = 1000) -> list[float]:
     params = dict(model.named_parameters())
     blocks = [f"blocks.{i}.mlp.fc1.weight" for i in range(len(model.blocks))]
     return [scale[id(params[name])] for name in ["patch_embed.proj.weight", *blocks, "head.weight"]]  # layer order
+
+
+JOB_MAY_CHANGE = frozenset({"output_dir", "workers", "keep_last", "log_every", "max_epochs", "data"})
+"""Job fields a re-run in the same folder may change (where the data lives, cadence, length); all else, the
+encoder and every recipe field included, must be the run's."""
+
+
+def job_record(job: Job, recipe: Recipe) -> dict:
+    """What a fine-tuning folder promises (``job.json``): the job (its encoder resolved) and the whole recipe."""
+    fields = dataclasses.asdict(job) | {"encoder": str(Path(job.encoder).expanduser().resolve())}
+    return {"job": fields, "recipe": json.loads(json.dumps(dataclasses.asdict(recipe)))}
+
+
+def check_job_record(job: Job, recipe: Recipe) -> None:
+    """A re-run continues the same fine-tuning: every field that differs from the folder's ``job.json`` (but
+    ``JOB_MAY_CHANGE``) is an error naming it, before anything is written."""
+    path = Path(job.output_dir) / "job.json"
+    if not path.exists():
+        if list((Path(job.output_dir) / "checkpoints").glob("epoch*")):
+            raise ValueError(f"{job.output_dir} holds fine-tuning checkpoints but no job.json (an earlier dtm_ds "
+                             "version): its encoder and recipe cannot be checked; use a new --output_dir")  # fmt: skip
+        return
+    old, new, gone = json.loads(path.read_text()), job_record(job, recipe), "(not recorded)"
+    differ = [
+        f"{part}.{k}: {old[part].get(k, gone)!r} -> {v!r}"
+        for part in ("job", "recipe")
+        for k, v in new[part].items()
+        if k not in JOB_MAY_CHANGE and old[part].get(k, gone) != v
+    ]
+    if differ:
+        raise ValueError(
+            f"{job.output_dir} holds a fine-tuning with other settings; a re-run must continue it unchanged:\n  "
+            + "\n  ".join(differ)
+            + f"\nFields that may change: {', '.join(sorted(JOB_MAY_CHANGE))}. To start "
+            "afresh, use a new --output_dir."
+        )
 
 
 def open_sets(job: Job):
@@ -355,6 +392,7 @@ def main(
         print(json.dumps(resolved_settings(job, recipe, architecture, ds_path, model), indent=2))
         return None
     # every user input before the distributed set-up (which builds DeepSpeed's ops)
+    check_job_record(job, recipe)
     world = distributed.planned_world()
     engine_cfg = engine_config(ds_path, world, recipe.batch_size, "recipe.batch_size")
     engine_cfg["gradient_clipping"] = recipe.clip_grad  # the recipe's, not the pretraining JSON's 3.0
@@ -364,6 +402,8 @@ def main(
     tuner = FineTuner(job, recipe, engine_cfg, device, sets)  # encoder and engine errors: nothing written yet
     Path(job.output_dir).mkdir(parents=True, exist_ok=True)
     lock = distributed.lock_run_folder(job.output_dir)  # noqa: F841 (held while main runs): a second launch exits 2
+    if distributed.rank() == 0:
+        write_atomic(Path(job.output_dir) / "job.json", json.dumps(job_record(job, recipe), indent=2))
     if distributed.rank() == 0:
         print(f"fine-tuning on {distributed.world()} x {device.type} ({distributed.backend()}); DeepSpeed config "
               f"{ds_path} ({chosen}); {tuner.workers} loader workers per rank", flush=True)  # fmt: skip

@@ -106,6 +106,8 @@ MUTANTS = [
            "elif False and (why := damage(tag_dir)):", "tests/faults/test_checkpoint_records.py -k damaged"),
     Mutant("save: a failed write on one rank not agreed", "dtm_ds/checkpoint.py", "failure is not None)  # fmt: skip",
            "False)  # fmt: skip", "tests/faults/test_cluster.py -k full_disk_on_rank_1"),
+    Mutant("fine-tuning: a re-run with another encoder continues", "eval/finetune.py",
+           "    check_job_record(job, recipe)\n", "", "tests/test_eval.py -k another_encoder"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

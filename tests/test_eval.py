@@ -213,3 +213,36 @@ def test_imagenet_recipe_follows_the_encoder_size():
     assert values(recipe_for("imagenet", 12)) == (5e-4, 1024, 0.65, 0.1, 100, 20, 0.0)
     assert values(recipe_for("imagenet", 24)) == (5e-4, 1024, 0.8, 0.2, 50, 5, 0.0)
     assert recipe_for("cub", 24) == recipe_for("cub", 12)
+
+
+def test_finetune_re_run_with_another_encoder_or_recipe_is_refused(pretrained, tmp_path):
+    """A fine-tuning folder records its job and recipe (job.json); a re-run with another encoder or another
+    recipe field is refused before anything is written, naming each field; cadence and length may change."""
+    import shutil
+    import subprocess
+
+    from tests.helpers import ROOT, ds_json, finetune_cmd, run_env
+
+    ds, out = ds_json(tmp_path / "ds.json", 8), tmp_path / "ft"
+    common = ("--train_per_class=2", "--eval_per_class=1", "--recipe.epochs=3")
+    first = subprocess.run(finetune_cmd(pretrained, ds, out, *common, "--max_epochs=1"), cwd=ROOT, env=run_env(),
+                           capture_output=True, text=True)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = json.loads((out / "job.json").read_text())
+    assert record["job"]["encoder"] == str(pretrained.resolve()) and record["recipe"]["epochs"] == 3
+    other = tmp_path / "other_encoder"
+    shutil.copytree(pretrained, other)
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for args, said in (
+        ((other, "--recipe.lr=0.01"), ["job.encoder: ", "recipe.lr: "]),
+        ((pretrained, "--seed=3"), ["job.seed: 0 -> 3"]),
+    ):
+        refused = subprocess.run(finetune_cmd(args[0], ds, out, *common, args[1]), cwd=ROOT, env=run_env(),
+                                 capture_output=True, text=True)  # fmt: skip
+        assert refused.returncode == 2 and all(s in refused.stderr for s in said), refused.stderr[-2000:]
+        assert "holds a fine-tuning with other settings" in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files  # nothing written
+    again = subprocess.run(finetune_cmd(pretrained, ds, out, *common, "--max_epochs=2", "--log_every=3"), cwd=ROOT,
+                           env=run_env(), capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["epoch"] == 1  # the second epoch, after the first
