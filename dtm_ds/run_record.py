@@ -1,4 +1,5 @@
-"""What a run folder promises: its config (``config.json``) and its engine layout (``engine.json``).
+"""What a run folder promises: its config (``config.json``), its engine layout (``engine.json``) and its data
+(``data.json``: sample count and fingerprint).
 
 A re-run in the same folder continues the same run, so both are checked before anything is written:
 any field that would change the result must be equal. ``MAY_CHANGE`` lists what may differ between
@@ -64,14 +65,24 @@ RESOLVED_AT_START = frozenset({"model.target_dim"})
 ENGINE_MUST_MATCH = ("train_batch_size", "train_micro_batch_size_per_gpu", "zero_stage", "dtype", "gradient_clipping")
 
 
-def check_records(config: Config, ds_config: dict, world: int) -> dict | None:
+def check_records(config: Config, ds_config: dict, world: int, data: dict) -> dict | None:
     """Raise ``ValueError`` naming every field that differs from the run folder's records (nothing is written).
     Returns the previous engine layout (None: a new folder). A field the run resolves when it starts
-    (``RESOLVED_AT_START``) is compared only once it is set."""
+    (``RESOLVED_AT_START``) is compared only once it is set. ``data`` (``dtm_ds.data.check_source``): the
+    dataset's sample count and fingerprint, which must be the run's wherever ``data.path`` now points."""
     folder = Path(config.run.output_dir)
     layout = _engine_layout(ds_config, world)
     previous = _read(folder / "engine.json")
     differences = _config_differences(_read(folder / "config.json"), config.to_dict())
+    recorded = _read(folder / "data.json")
+    if recorded is None and previous is not None:
+        differences.append("data: not recorded (an earlier dtm_ds version)")
+    elif recorded is not None and recorded != data:
+        differences.append(
+            f"data: the run was started on {recorded.get('samples')} samples (fingerprint "
+            f"{recorded.get('fingerprint')}), data.path {config.data.path} holds {data['samples']} (fingerprint "
+            f"{data['fingerprint']}): another dataset or a partial copy (a moved copy of the same data is fine)"
+        )
     if previous is not None:
         differences += [
             f"{key}: {previous.get(key)!r} -> {layout[key]!r} (DeepSpeed config)"
@@ -87,13 +98,14 @@ def check_records(config: Config, ds_config: dict, world: int) -> dict | None:
     return previous
 
 
-def write_records(config: Config, ds_config: dict, world: int) -> None:
+def write_records(config: Config, ds_config: dict, world: int, data: dict) -> None:
     """Rank 0 of a run with work to do: check the folder's records (``check_records``), then write them."""
-    check_records(config, ds_config, world)
+    check_records(config, ds_config, world, data)
     folder = Path(config.run.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "config.json", json.dumps(config.to_dict(), indent=2))
     write_atomic(folder / "engine.json", json.dumps(_engine_layout(ds_config, world), indent=2))
+    write_atomic(folder / "data.json", json.dumps(data, indent=2))
 
 
 def _config_differences(old: dict | None, new: dict) -> list[str]:

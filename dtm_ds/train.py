@@ -280,7 +280,7 @@ def main(
         print(json.dumps(resolved_settings(config, model, ds_path) | {"ds_config_chosen": chosen}, indent=2))
         return
     world = distributed.planned_world()
-    engine_cfg = check_inputs(config, ds_path, world)  # before the distributed set-up: it builds DeepSpeed's ops
+    engine_cfg, data = check_inputs(config, ds_path, world)  # before the distributed set-up: it builds DeepSpeed's ops
     device = distributed.init(local_rank, config.run.dist_timeout_s)
     distributed.check_world(world)
     out, rank0 = config.run.output_dir, distributed.rank() == 0
@@ -295,7 +295,7 @@ def main(
     start = saver.plan(engine_cfg, world, schedule.max_steps)  # another world: through the universal format
     parts = build(config, start.engine_config(engine_cfg), device, loader, schedule)  # errors: nothing written yet
     if rank0:
-        write_records(parts.config, engine_cfg, world)  # with the teacher's width
+        write_records(parts.config, engine_cfg, world, data)  # with the teacher's width
     if rank0:
         print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", parts.schedule), flush=True)
     state = resume(parts, saver, start)
@@ -312,16 +312,17 @@ def main(
     distributed.close()
 
 
-def check_inputs(config: Config, ds_path: str, world: int) -> dict:
-    """Every file and setting a run reads, checked for ``world`` ranks before any distributed set-up; returns
-    the DeepSpeed config. The data source is opened (its header or listing), the teacher's files are
-    looked for, an existing run folder's records are compared, the run folder can be written."""
+def check_inputs(config: Config, ds_path: str, world: int) -> tuple[dict, dict]:
+    """Every file and setting a run reads, checked for ``world`` ranks before any distributed set-up. The data
+    source is opened (its header or listing), the teacher's files are looked for, an existing run folder's
+    records are compared, the run folder can be written. Returns the DeepSpeed config and the data's identity
+    (``check_source``)."""
     engine_cfg = engine_config(ds_path, world, config.optim.batch_size)
     check_writable(config.run.output_dir, "run.output_dir")
-    check_source(loader_spec(config, engine_cfg, 0, world))
+    data = check_source(loader_spec(config, engine_cfg, 0, world))
     check_teacher_files(config.teacher)
-    check_records(config, engine_cfg, world)
-    return engine_cfg
+    check_records(config, engine_cfg, world, data)
+    return engine_cfg, data
 
 
 def start_line(config: Config, preset: str, engine_cfg: dict, device: torch.device, ds_config: str,

@@ -108,6 +108,8 @@ MUTANTS = [
            "False)  # fmt: skip", "tests/faults/test_cluster.py -k full_disk_on_rank_1"),
     Mutant("fine-tuning: a re-run with another encoder continues", "eval/finetune.py",
            "    check_job_record(job, recipe)\n", "", "tests/test_eval.py -k another_encoder"),
+    Mutant("records: another dataset accepted", "dtm_ds/run_record.py", "elif recorded is not None and recorded != data:",
+           "elif False:", "tests/faults/test_cluster.py -k other_data"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

@@ -4,11 +4,14 @@ source, in the run's global order (dtm_ds/data/order.py), on the training device
 import atexit
 import contextlib
 import dataclasses
+import hashlib
 import itertools
+import json
 import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,14 +155,28 @@ class _Ahead:
 atexit.register(_Ahead.stop_all)
 
 
-def check_source(spec: LoaderSpec) -> None:
-    """The data of ``spec`` opens (a .beton's header, a source's listing): a clear error before any set-up."""
+def check_source(spec: LoaderSpec) -> dict:
+    """The data of ``spec`` opens (a .beton's header, a source's listing): a clear error before any set-up.
+    Returns what identifies the data wherever it lives: its sample count and a cheap fingerprint (a .beton:
+    its size and first and last MiB; a listing: its file names and labels in order), for the run's records."""
+    digest = hashlib.sha256()
     if spec.backend == "ffcv":
-        check_beton(spec.path)
+        samples, path = check_beton(spec.path), Path(spec.path)
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            digest.update(f"{samples} {size}".encode() + f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
     else:
         from data_prep.sources import detect
 
-        detect(spec.path, "train")
+        listing = detect(spec.path, "train")
+        samples = len(listing)
+        names = [Path(p).name for p in listing.paths] if listing.paths is not None else [str(listing.arrays.shape)]
+        digest.update(json.dumps([listing.labels, names]).encode())
+        if listing.arrays is not None:
+            digest.update(listing.arrays[:: max(1, samples // 64)].tobytes())
+    return {"samples": samples, "fingerprint": digest.hexdigest()[:16]}
 
 
 def _source(spec: LoaderSpec, device: torch.device):

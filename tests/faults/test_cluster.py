@@ -483,3 +483,24 @@ def test_a_full_disk_on_rank_1_is_said_by_rank_1_and_every_rank_exits(image_fold
     assert (out / "checkpoints" / "latest").read_text() == "step00000002"
     resumed = _run(_two_ranks(29682, image_folder, out, ds, 6, "--run.save_every=2"))
     assert "resumed from step00000002" in resumed.stdout
+
+
+def test_a_resume_on_other_data_is_refused_and_a_moved_copy_resumes(image_folder, tmp_path):
+    """The run folder records its data (data.json: sample count and fingerprint). Resumed with data.path on a
+    partial copy (one image missing) or on another dataset: refused before anything is written, naming the
+    counts. On a moved copy of the same data: it resumes."""
+    import shutil
+
+    ds, out = ds_json(tmp_path / "ds.json", 4), tmp_path / "run"
+    _run(train_cmd(image_folder, out, ds, 2))
+    assert json.loads((out / "data.json").read_text())["samples"] == 40
+    partial, moved = tmp_path / "partial", tmp_path / "moved"
+    shutil.copytree(image_folder, partial)
+    next((partial / "a").iterdir()).unlink()
+    shutil.copytree(image_folder, moved)
+    refused = _run(train_cmd(partial, out, ds, 4), check=False)
+    said = "data: the run was started on 40 samples"
+    assert refused.returncode == 2 and said in refused.stderr, refused.stderr[-2000:]
+    assert f"data.path {partial} holds 39" in refused.stderr
+    resumed = _run(train_cmd(moved, out, ds, 4))
+    assert "resumed from step00000002" in resumed.stdout and max(step_losses(out)) == 4
