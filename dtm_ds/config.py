@@ -78,7 +78,7 @@ class ModelConfig:
 @dataclass
 class TeacherConfig:
     name: str = "clip:ViT-B-16"
-    """'clip:<open_clip model>', 'timm:<model>', 'checkpoint:<dtm_ds checkpoint dir or file>', or 'pixels'."""
+    """'clip:<open_clip model>', 'timm:<model>', 'checkpoint:<dtm_ds run dir or export folder>', or 'pixels'."""
     weights: str | None = None
     """Local weights file for clip/timm teachers (OpenAI TorchScript archive or state dict). Never downloaded."""
     dtype: str = "auto"

@@ -1,5 +1,8 @@
-"""Students on disk, in one place: a pretraining run folder (its latest complete checkpoint) or an export
-(a safetensors state dict that timm's ``Beit`` loads, plus ``<file>.json`` with the model config).
+"""Students on disk, in one place: a pretraining run folder (its latest complete checkpoint) or an export: a
+folder in timm's own format (``config.json`` + ``model.safetensors``) that
+``timm.create_model("local-dir:<folder>", pretrained=True)`` loads with no other argument, with the
+preprocessing the encoder was trained with (ImageNet mean/std, its input size) and the pooling the probes use
+(the mean of the final-normalised patch tokens); its ``config.json`` also holds the dtm_ds model config.
 
 ``encoder_config`` reads the architecture, ``load_student`` the weights, ``export`` writes an export.
 A run's ``config.json`` records the width of the teacher's targets (``model.target_dim``), so the
@@ -14,26 +17,24 @@ import torch
 from dtm_ds.checkpoint import checkpoint_dir, latest_tag, weights_only
 from dtm_ds.config import ModelConfig, load_config, model_config
 
-__all__ = ["encoder_config", "export", "load_student", "target_dim"]
+__all__ = ["TIMM_ARCHITECTURE", "encoder_config", "export", "load_student", "target_dim", "timm_args"]
 
 
 def _is_run(path: str | Path) -> bool:
-    """A run folder (else an export); an error naming the path when it is neither."""
+    """A run folder (else an export folder); an error naming the path when it is neither."""
     path = Path(path)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a dtm_ds run directory (no config.json)")
-        return True
-    if not path.is_file() or not Path(f"{path}.json").is_file():
-        raise FileNotFoundError(f"{path}: expected a dtm_ds run directory or an export with {path}.json")
-    return False
+    record = path / "config.json"
+    if not path.is_dir() or not record.is_file():
+        raise FileNotFoundError(f"{path}: expected a dtm_ds run directory or an export folder (with config.json)")
+    return "dtm_ds" not in json.loads(record.read_text())  # an export's config.json is timm's, with a dtm_ds part
 
 
 def encoder_config(path: str | Path) -> ModelConfig:
     """The student architecture of a run folder or an export."""
     if _is_run(path):
         return load_config(Path(path) / "config.json").model
-    return model_config(json.loads(Path(f"{path}.json").read_text())["model"], f"{path}.json")
+    record = Path(path) / "config.json"
+    return model_config(json.loads(record.read_text())["dtm_ds"]["model"], str(record))
 
 
 def target_dim(run_dir: str | Path) -> int:
@@ -59,32 +60,54 @@ def _student_state(output_dir: str | Path, tag: str | None = None) -> dict[str, 
     return {k: v.float() for k, v in states["module"].items()}
 
 
-def export(run_dir: str, out: str, tag: str | None = None) -> str:
-    """Write the student encoder as a safetensors state dict that timm's ``Beit`` loads (no pickle: safe
-    to share and to load anywhere), and its model config as ``<out>.json``."""
-    from safetensors.torch import save_file
+TIMM_ARCHITECTURE = "beit_base_patch16_224"
+"""The timm factory an export names; its architecture comes from the export's ``model_args`` (any size)."""
 
+
+def timm_args(model: ModelConfig) -> dict:
+    """timm ``Beit`` arguments that build the student's encoder, pooled as the probes pool (``global_pool='avg'``
+    with the final norm on every token and no ``fc_norm``: the mean of the normalised patch tokens)."""
+    return dict(img_size=model.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim, depth=model.depth,
+                num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, init_values=model.layer_scale,
+                use_abs_pos_emb=False, use_rel_pos_bias=model.rel_pos_bias in ("both", "block"),
+                use_shared_rel_pos_bias=model.rel_pos_bias in ("both", "shared"), use_fc_norm=False,
+                num_classes=0, global_pool="avg")  # fmt: skip
+
+
+def export(run_dir: str, out: str, tag: str | None = None) -> str:
+    """Write the student encoder of ``run_dir`` (its latest complete checkpoint, or ``tag``) as a timm model folder
+    ``out``: ``model.safetensors`` (no pickle) and ``config.json`` (timm's architecture, ``model_args`` and
+    ``pretrained_cfg`` with ImageNet mean/std, the input size and bicubic resizing; plus a ``dtm_ds`` part:
+    the model config, the run and the checkpoint). Loads anywhere as
+    ``timm.create_model("local-dir:<out>", pretrained=True)``; readable by the group."""
+    import timm
+    from timm.models import save_for_hf
+
+    from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
     from dtm_ds.student import DTMStudent
 
     config = load_config(Path(run_dir) / "config.json")
-    state = _student_state(run_dir, tag)
+    tag = tag or latest_tag(run_dir)
     student = DTMStudent(config.model, target_dim(run_dir))
-    student.load_state_dict(state)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in student.encoder_state_dict().items()}, out)
-    Path(f"{out}.json").write_text(json.dumps({"model": config.to_dict()["model"]}, indent=2))
+    student.load_state_dict(_student_state(run_dir, tag))
+    encoder = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **timm_args(config.model))
+    encoder.load_state_dict(student.encoder_state_dict())  # strict: every key of timm's Beit, nothing else
+    size = config.model.img_size
+    data = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": (3, size, size), "interpolation": "bicubic",
+            "crop_pct": 0.875}  # fmt: skip
+    ours = {"model": config.to_dict()["model"], "run": str(Path(run_dir).resolve()), "checkpoint": tag}
+    card = {"pretrained_cfg": {"tag": "dtm_ds", "license": "apache-2.0"}, "dtm_ds": ours}
+    save_for_hf(encoder, out, model_config=card, safe_serialization=True, data_config=data)
+    for file in Path(out).iterdir():
+        file.chmod(0o644)  # readable by the group (and others), as a shared model folder is
     return out
 
 
-def _read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file (exports), or a torch file loaded with ``weights_only=True``."""
-    from safetensors import SafetensorError
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """An export's ``model.safetensors`` (no pickle)."""
     from safetensors.torch import load_file
 
-    try:
-        return load_file(str(path))
-    except SafetensorError:  # not safetensors: an export of an earlier version, or a torch file
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return load_file(str(path / "model.safetensors"))
 
 
 def load_student(path: str | Path):
@@ -101,6 +124,6 @@ def load_student(path: str | Path):
     missing, unexpected = student.load_state_dict(_read_weights(path), strict=False)
     if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
         raise ValueError(
-            f"{path} does not fit the student of {path}.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{path} does not fit the student of its config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return student

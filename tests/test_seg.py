@@ -72,7 +72,7 @@ def test_out_indices_scale_with_depth():
 
 @pytest.mark.parametrize("source", ["run", "export"])
 def test_backbone_loads_a_dtm_checkpoint(pretrained, tmp_path, source):
-    encoder = str(pretrained) if source == "run" else export(str(pretrained), str(tmp_path / "enc.pt"))
+    encoder = str(pretrained) if source == "run" else export(str(pretrained), str(tmp_path / "enc"))
     backbone = DTMBEiT(encoder=encoder, img_size=64, drop_path_rate=0.0).eval()
     student = load_student(pretrained)
     torch.testing.assert_close(backbone.layers[1].mlp.fc2.weight, student.blocks[1].mlp.fc2.weight, rtol=0, atol=0)

@@ -270,38 +270,37 @@ def test_timm_teacher_from_local_weights(tmp_path):
         build_teacher(cfg, build_config("tiny").model, torch.device("cpu"))
 
 
-def test_export_loads_into_timm_beit_and_checkpoint_teacher(image_folder, tmp_path):
-    from safetensors.torch import load_file
-    from timm.models.beit import Beit
+def test_export_is_a_timm_model_folder_with_the_probes_features(image_folder, tmp_path):
+    """``export`` writes a folder that ``timm.create_model("local-dir:...", pretrained=True)`` loads with no other
+    argument: its pooled output equals the probes' features of the run's own student (the mean of the
+    final-normalised patch tokens), its preprocessing is the encoder's (ImageNet mean/std, 32 px, bicubic), its
+    files are readable by the group, and dtm_ds reads it back as an encoder."""
+    import stat
 
-    from dtm_ds.pretrained import export, load_student
+    import timm
+    from timm.data import resolve_data_config
+
+    from dtm_ds.pretrained import encoder_config, export, load_student
+    from eval.features import _pooled
 
     out = tmp_path / "run"
     cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 8, 2), 2)
     subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True)
-    path = export(str(out), str(tmp_path / "student.safetensors"))
-    m = build_config("tiny").model
-    beit = Beit(
-        img_size=32,
-        patch_size=4,
-        num_classes=0,
-        global_pool="token",
-        embed_dim=m.embed_dim,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        init_values=m.layer_scale,
-        use_abs_pos_emb=False,
-        use_rel_pos_bias=True,
-        use_shared_rel_pos_bias=True,
-    )
-    beit.load_state_dict(load_file(path))  # safetensors: no pickle
+    folder = Path(export(str(out), str(tmp_path / "exported")))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert all(p.stat().st_mode & stat.S_IRGRP for p in folder.iterdir())
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     student = load_student(out).eval()
     images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(beit.eval().forward_features(images), student.forward_features(images))
-    teacher = build_teacher(TeacherConfig(name=f"checkpoint:{out}"), m, torch.device("cpu"))
-    assert teacher(images).shape == (2, 64, m.embed_dim)
-    with pytest.raises(FileNotFoundError, match="not a dtm_ds run directory"):
-        load_student(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), _pooled(student, images, 1), rtol=0, atol=0)
+    data = resolve_data_config({}, model=model)
+    assert (tuple(data["mean"]), tuple(data["std"])) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert data["input_size"] == (3, 32, 32) and data["interpolation"] == "bicubic"
+    assert encoder_config(folder) == encoder_config(out)
+    again = load_student(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.forward_features(images), student.forward_features(images), rtol=0, atol=0)
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(image_folder, tmp_path):
