@@ -17,7 +17,9 @@ import torch
 from dtm_ds.checkpoint import checkpoint_dir, latest_tag, weights_only
 from dtm_ds.config import ModelConfig, load_config, model_config
 
-__all__ = ["TIMM_ARCHITECTURE", "encoder_config", "export", "load_student", "target_dim", "timm_args"]
+__all__ = [
+    "TIMM_ARCHITECTURE", "encoder_config", "export", "load_student", "save_timm_folder", "target_dim", "timm_args",
+]  # fmt: skip
 
 
 def _is_run(path: str | Path) -> bool:
@@ -80,27 +82,34 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
     ``pretrained_cfg`` with ImageNet mean/std, the input size and bicubic resizing; plus a ``dtm_ds`` part:
     the model config, the run and the checkpoint). Loads anywhere as
     ``timm.create_model("local-dir:<out>", pretrained=True)``; readable by the group."""
-    import timm
-    from timm.models import save_for_hf
-
-    from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
     from dtm_ds.student import DTMStudent
 
     config = load_config(Path(run_dir) / "config.json")
     tag = tag or latest_tag(run_dir)
     student = DTMStudent(config.model, target_dim(run_dir))
     student.load_state_dict(_student_state(run_dir, tag))
-    encoder = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **timm_args(config.model))
-    encoder.load_state_dict(student.encoder_state_dict())  # strict: every key of timm's Beit, nothing else
-    size = config.model.img_size
-    data = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": (3, size, size), "interpolation": "bicubic",
-            "crop_pct": 0.875}  # fmt: skip
     ours = {"model": config.to_dict()["model"], "run": str(Path(run_dir).resolve()), "checkpoint": tag}
+    return save_timm_folder(student.encoder_state_dict(), timm_args(config.model), out, config.model.img_size, ours)
+
+
+def save_timm_folder(state: dict[str, torch.Tensor], args: dict, out: str | Path, img_size: int, ours: dict) -> str:
+    """``state`` loaded strictly into timm's ``Beit`` built from ``args`` (every key, nothing else) and saved with
+    timm's ``save_for_hf`` as a model folder (safetensors, fp32) with ImageNet mean/std, ``img_size`` px input
+    and bicubic resizing, ``ours`` as the config's ``dtm_ds`` part; mode 0644 (a shared model folder)."""
+    import timm
+    from timm.models import save_for_hf
+
+    from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+
+    model = timm.create_model(TIMM_ARCHITECTURE, pretrained=False, **args)
+    model.load_state_dict(state)
+    data = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": (3, img_size, img_size),
+            "interpolation": "bicubic", "crop_pct": 0.875}  # fmt: skip
     card = {"pretrained_cfg": {"tag": "dtm_ds", "license": "apache-2.0"}, "dtm_ds": ours}
-    save_for_hf(encoder, out, model_config=card, safe_serialization=True, data_config=data)
+    save_for_hf(model, str(out), model_config=card, safe_serialization=True, data_config=data)
     for file in Path(out).iterdir():
-        file.chmod(0o644)  # readable by the group (and others), as a shared model folder is
-    return out
+        file.chmod(0o644)
+    return str(out)
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -10,23 +10,18 @@ from dtm_ds.config import ModelConfig
 from dtm_ds.pretrained import load_student
 
 
+def classifier_args(model: ModelConfig, num_classes: int, img_size: int) -> dict:
+    """timm ``Beit`` arguments of the classifier: one relative position table per block, no absolute positions,
+    mean pooling + fc_norm, the head (also its timm export's ``model_args``)."""
+    return dict(img_size=img_size, patch_size=model.patch_size, num_classes=num_classes, global_pool="avg",
+                use_fc_norm=True, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
+                mlp_ratio=model.mlp_ratio, init_values=model.layer_scale, use_abs_pos_emb=False,
+                use_rel_pos_bias=True, use_shared_rel_pos_bias=False)  # fmt: skip
+
+
 def build_classifier(model: ModelConfig, num_classes: int, drop_path: float, img_size: int) -> Beit:
-    """BEiT with one relative position table per block, no absolute positions, mean pooling + fc_norm."""
-    return Beit(
-        img_size=img_size,
-        patch_size=model.patch_size,
-        num_classes=num_classes,
-        global_pool="avg",
-        embed_dim=model.embed_dim,
-        depth=model.depth,
-        num_heads=model.num_heads,
-        mlp_ratio=model.mlp_ratio,
-        drop_path_rate=drop_path,
-        init_values=model.layer_scale,
-        use_abs_pos_emb=False,
-        use_rel_pos_bias=True,
-        use_shared_rel_pos_bias=False,
-    )
+    """The classifier of ``classifier_args`` with stochastic depth ``drop_path``."""
+    return Beit(**classifier_args(model, num_classes, img_size), drop_path_rate=drop_path)
 
 
 def load_pretrained(classifier: Beit, encoder: str) -> dict[str, list[str]]:

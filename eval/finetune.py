@@ -44,9 +44,9 @@ from dtm_ds.engine import (
 from dtm_ds.files import write_atomic
 from dtm_ds.logs import RunLog
 from dtm_ds.options import parse_options
-from dtm_ds.pretrained import encoder_config
+from dtm_ds.pretrained import encoder_config, save_timm_folder
 from dtm_ds.seeds import seed_of
-from eval.classifier import ListingImages, build_classifier, hit_counts, load_pretrained
+from eval.classifier import ListingImages, build_classifier, classifier_args, hit_counts, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for
 
 SPLITS = {
@@ -306,7 +306,7 @@ class FineTuner:
             train = distributed.mean_tensor(self.epoch_loss)
             step = self.applied_steps()
             result = self.evaluate() | {"epoch": epoch, "step": step, "train_loss": (train[0] / train[1]).item()}
-            best = result["top1"] > s.best_top1
+            best = result["top1"] > s.best_top1 or epoch == 0  # the first evaluation is the best so far
             s.best_top1 = max(result["top1"], s.best_top1)
             if distributed.rank() == 0:  # before the checkpoint: a kill in between repeats this row, never loses it
                 with open(Path(self.output_dir) / "eval.jsonl", "a") as f:
@@ -317,9 +317,21 @@ class FineTuner:
             self.epoch_loss.zero_()
             if best:
                 self.save("best", keep_last=1)
+                self.export_best(epoch, result)
             self.save(f"epoch{epoch + 1:08d}")
         log.close()
         return result | {"best_top1": s.best_top1, "done": s.epoch >= last}
+
+    def export_best(self, epoch: int, result: dict) -> None:
+        """Rank 0: the best classifier as a timm model folder ``<output_dir>/best_timm`` (``timm.create_model(
+        "local-dir:...", pretrained=True)`` gives its logits); ZeRO-3 partitions the weights: not exported."""
+        if distributed.rank() != 0 or self.engine.zero_optimization_stage() == 3:
+            return
+        ours = {"encoder": str(Path(self.job.encoder).resolve()), "dataset": self.job.dataset, "epoch": epoch,
+                "top1": result["top1"], "classes": self.classes}  # fmt: skip
+        state = {k: v.float() for k, v in self.engine.module.state_dict().items()}
+        args = classifier_args(encoder_config(self.job.encoder), self.classes, self.recipe.img_size)
+        save_timm_folder(state, args, Path(self.output_dir) / "best_timm", self.recipe.img_size, ours)
 
     def applied_steps(self) -> int:
         return self.engine.global_steps - self.state.skipped

@@ -246,3 +246,30 @@ def test_finetune_re_run_with_another_encoder_or_recipe_is_refused(pretrained, t
                            env=run_env(), capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["epoch"] == 1  # the second epoch, after the first
+
+
+def test_finetuning_exports_its_best_classifier_for_timm(pretrained, tmp_path):
+    """After an evaluation that is the best so far, ``<output_dir>/best_timm`` is a timm model folder: its logits
+    equal those of the classifier rebuilt from the ``best`` DeepSpeed checkpoint, with its head's classes."""
+    import subprocess
+
+    import timm
+
+    from eval.classifier import build_classifier
+    from tests.helpers import ROOT, ds_json, finetune_cmd, run_env
+
+    out = tmp_path / "ft"
+    cmd = finetune_cmd(pretrained, ds_json(tmp_path / "ds.json", 8), out, "--train_per_class=2", "--eval_per_class=1",
+                       "--recipe.epochs=1")  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = timm.create_model(f"local-dir:{out / 'best_timm'}", pretrained=True).eval()
+    record = json.loads((out / "best_timm" / "config.json").read_text())
+    size = record["pretrained_cfg"]["input_size"][-1]
+    states = torch.load(out / "checkpoints" / "best" / "mp_rank_00_model_states.pt", weights_only=True)
+    classifier = build_classifier(encoder_config(str(pretrained)), 10, 0.0, size).eval()
+    classifier.load_state_dict({k: v.float() for k, v in states["module"].items()})
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), classifier(images), rtol=0, atol=0)
+    assert record["num_classes"] == 10 and record["dtm_ds"]["dataset"] == "fmnist"
