@@ -190,7 +190,10 @@ def detect(source: str | Path, split: str) -> Listing:
             "a list file or fashion_mnist)"
         )
     if source.suffix == ".beton":
-        raise ValueError(f"{source} is an FFCV .beton: read it with the ffcv backend (--data.backend=ffcv)")
+        raise ValueError(
+            f"{source} is an FFCV .beton, which only pretraining reads (with --data.backend=ffcv); give this "
+            "command the images themselves: an image folder, ImageNet train/ + val/, a list file or fashion_mnist"
+        )
     if source.is_file():
         return list_file(source)
     if (source / "train").is_dir():

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -57,8 +58,12 @@ def default_ds_config(accel: str | None = None) -> str:
 
 
 def resolve_ds_config(path: str | None) -> tuple[str, str]:
-    """``(path, how it was chosen)``: the named JSON, else the one for this machine's accelerator."""
+    """``(path, how it was chosen)``: the named JSON, else the one for this machine's accelerator. A relative path
+    that is not there from the working directory is looked for in the repository (``ds_configs/...`` works from
+    any folder)."""
     if path:
+        if not Path(path).exists() and not Path(path).is_absolute() and (ROOT / path).exists():
+            return str(ROOT / path), "given, found in the repository"
         return path, "given"
     accel = accelerator()
     return default_ds_config(accel), f"default for {accel}"

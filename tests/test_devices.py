@@ -280,3 +280,18 @@ def test_the_planned_world_is_read_from_each_launcher_before_set_up():
     assert distributed.planned_world({"WORLD_SIZE": "2", "SLURM_NTASKS": "16"}) == 2
     with pytest.raises(RuntimeError, match="the launcher planned 3 ranks .* 1 started"):
         distributed.check_world(3)
+
+
+def test_ds_configs_are_found_from_any_working_directory(tmp_path):
+    """``--ds_config ds_configs/cpu.json`` from a folder outside the repository names the repository's file; a
+    path that exists nowhere stays as given (its error names it)."""
+    script = ROOT / "dtm_ds" / "train.py"
+    cmd = [sys.executable, str(script), "--ds_config", "ds_configs/cpu.json", "--model", "tiny", "--print_config"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    settings = json.loads(done.stdout)
+    assert settings["ds_config"] == str(ROOT / "ds_configs" / "cpu.json")
+    assert settings["ds_config_chosen"] == "given, found in the repository"
+    from dtm_ds.devices import resolve_ds_config
+
+    assert resolve_ds_config("ds_configs/none.json") == ("ds_configs/none.json", "given")

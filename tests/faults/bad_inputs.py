@@ -127,6 +127,7 @@ def cases(tmp: Path, pretrained: str) -> list[tuple[str, str, object, str]]:
         ("eval/finetune.py", "zero epochs, keep_last and log interval", lambda: finetune(pretrained, **fm, max_epochs=0, keep_last=0, log_every=0), "--keep_last=0 (at least 1); --log_every=0 (at least 1); --max_epochs=0 (at least 1)"),
         ("eval/finetune.py", "unknown option", lambda: finetune(pretrained, **fm, epochz=3), "'epochz': did you mean 'recipe.epochs'?"),
         ("eval/finetune.py", "recipe batch != DeepSpeed JSON", lambda: finetune(pretrained, **(fm | {"recipe.batch_size": 100})), "recipe.batch_size = 100 but micro batch 8 x accumulation 1 x world 1 = 8"),
+        ("eval/knn.py", "a .beton as the train set", lambda: knn(pretrained, train=str(tmp / "junk.beton"), val="fashion_mnist"), "which only pretraining reads (with --data.backend=ffcv); give this command the images"),
         ("eval/knn.py", "encoder path does not exist", lambda: knn(str(tmp / "no_run"), train="fashion_mnist", val="fashion_mnist", dataset="fmnist"), "no_run"),
         ("eval/linear.py", "more blocks than the encoder has", lambda: linear(pretrained, train="fashion_mnist", val="fashion_mnist", blocks=9), "blocks = 9, but"),
         ("eval/seg/train.py", "ADE20K root does not exist", lambda: segment(str(tmp / "no_ade"), model="tiny"), "no_ade does not exist; expected .../ADEChallengeData2016"),
