@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -44,9 +45,12 @@ def peak_bf16(name: str) -> float | None:
 
 
 class RunLog:
-    """``step()`` at logging steps; each line carries the img/s and tokens/s since the previous one."""
+    """``step()`` at logging steps; each line carries the img/s and tokens/s since the previous one. On a
+    terminal a progress bar; otherwise (a batch system's log file: ``plain``, by default when stderr is not a
+    terminal) one plain line per logging step on stdout: step/total, loss, lr, img/s and the time left."""
 
-    def __init__(self, output_dir: str, active: bool, total_steps: int, start_step: int, task: str):
+    def __init__(self, output_dir: str, active: bool, total_steps: int, start_step: int, task: str,
+                 plain: bool | None = None):  # fmt: skip
         self.active = active
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.peak = device_peak_flops()
@@ -56,7 +60,9 @@ class RunLog:
 
         self.writer = SummaryWriter(str(Path(output_dir) / "tb"))
         self.metrics = open(Path(output_dir) / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=task, dynamic_ncols=True)
+        self.task, self.total, self.started = task, total_steps, (time.perf_counter(), start_step)
+        terminal = sys.stderr.isatty() if plain is None else not plain
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=task, dynamic_ncols=True) if terminal else None
 
     def step(self, step: int, values: dict, global_batch: int, flops_per_image: float | None = None,
              tokens_per_image: int = 0, world: int = 1) -> None:  # fmt: skip
@@ -74,8 +80,11 @@ class RunLog:
         if flops_per_image and self.peak:
             values["mfu"] = flops_per_image * img_s / (world * self.peak)
         values |= _process_usage()
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{img_s:.0f}")
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{img_s:.0f}")
+        else:
+            print(self._line(step, values, img_s), flush=True)
         self.metrics.write(json.dumps({"step": step, **values}) + "\n")
         self.metrics.flush()
         for key, value in values.items():
@@ -85,13 +94,24 @@ class RunLog:
             else:
                 self.writer.add_scalar(f"train/{key}", value, step, new_style=True)
 
+    def _line(self, step: int, values: dict, img_s: float) -> str:
+        start, first = self.started
+        rate = (step - first) / max(time.perf_counter() - start, 1e-9)  # steps/s over this process's run
+        left = (self.total - step) / rate if rate > 0 else float("nan")
+        eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}" if left == left else "?"
+        lr = values.get("lr")
+        return (f"{self.task} step {step}/{self.total} ({100 * step / max(self.total, 1):.1f} %) loss "
+                f"{values['loss']:.4g}" + (f" lr {lr:.3g}" if lr is not None else "") + f" img/s {img_s:.0f} "
+                f"ETA {eta}")  # fmt: skip
+
     def image(self, step: int, image: torch.Tensor) -> None:
         if self.active:
             self.writer.add_image("dtm/groups", image, step)
 
     def close(self) -> None:
         if self.active:
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
             self.metrics.close()
             self.writer.close()
 

@@ -65,10 +65,12 @@ __all__ = [
     "fit",
     "lost_peer_message",
     "main",
+    "plan_line",
     "resume",
     "save",
     "start_line",
     "train_window",
+    "written",
 ]
 
 
@@ -298,6 +300,7 @@ def main(
         write_records(parts.config, engine_cfg, world, data)  # with the teacher's width
     if rank0:
         print(start_line(config, model, engine_cfg, device, f"{ds_path} ({chosen})", parts.schedule), flush=True)
+        print(plan_line(config, loader, parts.schedule), flush=True)
     state = resume(parts, saver, start)
     try:
         last = fit(parts, state, saver)
@@ -308,7 +311,9 @@ def main(
     ignore_stop_signals()
     if rank0:
         done = state.step >= parts.schedule.max_steps  # False: stopped by a signal, a re-run continues
-        print(json.dumps({"done": done, "step": state.step, "loss": last.get("loss")}), flush=True)
+        paths = written(out)
+        print("wrote: " + ", ".join(f"{k} {v}" for k, v in paths.items()), flush=True)
+        print(json.dumps({"done": done, "step": state.step, "loss": last.get("loss")} | paths), flush=True)
     distributed.close()
 
 
@@ -337,6 +342,25 @@ def start_line(config: Config, preset: str, engine_cfg: dict, device: torch.devi
         f"{engine_cfg['train_batch_size']} = {micro} x {accum} x {world}; teacher {config.teacher.name} in "
         f"{teacher_precision(config.teacher, device.type)}; {schedule.max_steps} steps of {schedule.total_steps}"
     )
+
+
+def plan_line(config: Config, loader: PretrainLoader, schedule: Schedule) -> str:
+    """The second line at the start: the data, the schedule in steps, the lr, and where the run writes."""
+    out = Path(config.run.output_dir)
+    return (
+        f"data {config.data.path}: {loader.source.num_samples} samples, {schedule.steps_per_epoch} steps per epoch; "
+        f"lr peak {schedule.peak_lr:.4g} after {schedule.warmup} warm-up steps, cosine to {schedule.min_lr:.4g} at "
+        f"step {schedule.total_steps}; checkpoints every {config.run.save_every} steps in {checkpoint_dir(out)}, "
+        f"logs every {config.run.log_every} in {out / 'metrics.jsonl'} and {out / 'tb'}"
+    )
+
+
+def written(output_dir: str | Path) -> dict[str, str]:
+    """Where a run's results are: its latest complete checkpoint, metrics and TensorBoard folder."""
+    out = Path(output_dir)
+    tag, _ = Checkpointer(out, "step", 1).latest()
+    return {"checkpoint": str(checkpoint_dir(out) / tag) if tag else None, "metrics": str(out / "metrics.jsonl"),
+            "tensorboard": str(out / "tb")}  # fmt: skip
 
 
 def lost_peer_message(output_dir: str | Path, rank: int, error: BaseException | None = None) -> str:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -417,3 +418,26 @@ def test_a_logged_loss_equals_an_independent_recompute_of_its_step(image_folder,
     assert row["loss_level0"] == pytest.approx(levels[0], rel=1e-5)
     assert row["loss_level1"] == pytest.approx(levels[1], rel=1e-5)
     assert row["loss"] == pytest.approx(sum(levels) / 2, rel=1e-5)  # logged unweighted (dtm.loss_weight=3)
+
+
+def test_logs_read_well_in_a_batch_system(image_folder, tmp_path):
+    """Without a terminal (a batch system's log file): no progress bar (no carriage returns), one plain line per
+    logging step with step/total, loss, lr, img/s and the time left; a start line with the data's size and the
+    schedule; a last line saying where everything was written, also in the JSON summary."""
+    out = tmp_path / "run"
+    cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 4), 6, "--run.log_every=2")
+    done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0 and "\r" not in done.stdout + done.stderr, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    steps = [line for line in lines if line.startswith("pretrain step ")]
+    assert [line.split()[2] for line in steps] == ["2/6", "4/6", "6/6"]
+    pattern = r"pretrain step \d/6 \([\d.]+ %\) loss [\d.e-]+ lr [\d.e-]+ img/s \d+ ETA \d+:\d\d:\d\d"
+    assert all(re.fullmatch(pattern, line) for line in steps), steps
+    assert f"data {image_folder}: 40 samples, 10 steps per epoch; lr peak " in done.stdout
+    summary = json.loads(lines[-1])
+    assert summary["checkpoint"] == str(out / "checkpoints" / "step00000006")
+    assert summary["metrics"] == str(out / "metrics.jsonl") and summary["tensorboard"] == str(out / "tb")
+    assert (
+        lines[-2]
+        == f"wrote: checkpoint {out}/checkpoints/step00000006, metrics {out}/metrics.jsonl, tensorboard {out}/tb"
+    )
