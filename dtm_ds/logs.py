@@ -47,11 +47,14 @@ def peak_bf16(name: str) -> float | None:
 class RunLog:
     """``step()`` at logging steps; each line carries the img/s and tokens/s since the previous one. On a
     terminal a progress bar; otherwise (a batch system's log file: ``plain``, by default when stderr is not a
-    terminal) one plain line per logging step on stdout: step/total, loss, lr, img/s and the time left."""
+    terminal) one plain line per logging step on stdout: step/total, loss, lr, img/s and the time left.
+    ``monitor``: DeepSpeed's (``engine.monitor``): every scalar that goes to TensorBoard also goes to the
+    monitors the DeepSpeed JSON enables (``wandb``, ``csv_monitor``, ``comet``, on rank 0)."""
 
     def __init__(self, output_dir: str, active: bool, total_steps: int, start_step: int, task: str,
-                 plain: bool | None = None):  # fmt: skip
+                 plain: bool | None = None, monitor=None):  # fmt: skip
         self.active = active
+        self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.last_time, self.last_step = time.perf_counter(), start_step
         self.peak = device_peak_flops()
         if not active:
@@ -89,10 +92,18 @@ class RunLog:
         self.metrics.flush()
         for key, value in values.items():
             if isinstance(value, list):
-                self.writer.add_scalar(f"train/{key}_max", max(value), step)
-                self.writer.add_scalar(f"train/{key}_min", min(value), step)
+                self.scalar(f"train/{key}_max", max(value), step)
+                self.scalar(f"train/{key}_min", min(value), step)
             else:
-                self.writer.add_scalar(f"train/{key}", value, step, new_style=True)
+                self.scalar(f"train/{key}", value, step)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """One scalar to TensorBoard and to DeepSpeed's monitors (rank 0)."""
+        if not self.active:
+            return
+        self.writer.add_scalar(name, value, step, new_style=True)
+        if self.monitor is not None:
+            self.monitor.write_events([(name, value, step)])
 
     def _line(self, step: int, values: dict, img_s: float) -> str:
         start, first = self.started

@@ -192,7 +192,7 @@ def fit(p: Parts, s: TrainState, saver: Checkpointer) -> dict[str, float]:
     """Windows until ``max_steps`` or a stop signal; logs, pictures and checkpoints on the way. Updates ``s``."""
     run, rank, world, sched = p.config.run, distributed.rank(), distributed.world(), p.schedule
     stop_on_signals(p.windows)  # preemption: the ranks agree on a window, save there and exit
-    log = RunLog(run.output_dir, rank == 0, sched.max_steps, s.step, "pretrain")
+    log = RunLog(run.output_dir, rank == 0, sched.max_steps, s.step, "pretrain", monitor=p.engine.monitor)
     watchdog = distributed.Watchdog(run.dist_timeout_s, lambda: lost_peer_message(run.output_dir, rank),
                                     enabled=world > 1)  # fmt: skip
     saved, dropped_in_a_row, last, stop = s.step, 0, {}, False

@@ -292,7 +292,7 @@ class FineTuner:
         self.epoch_loss = torch.tensor(s.epoch_loss, dtype=torch.float64, device=self.device)
         last = min(self.recipe.epochs, self.job.max_epochs or self.recipe.epochs)
         log = RunLog(self.output_dir, distributed.rank() == 0, last * self.steps_per_epoch, self.applied_steps(),
-                     "finetune")  # fmt: skip
+                     "finetune", monitor=self.engine.monitor)  # fmt: skip
         result = {}
         stop_on_signals(self.windows)  # preemption: agree on a window, save there and exit
         while s.epoch < last:
@@ -312,7 +312,7 @@ class FineTuner:
                 with open(Path(self.output_dir) / "eval.jsonl", "a") as f:
                     f.write(json.dumps(result | {"best_top1": s.best_top1}) + "\n")
                 for key in ("top1", "top5"):
-                    log.writer.add_scalar(f"eval/{key}", result[key], epoch)
+                    log.scalar(f"eval/{key}", result[key], epoch)
             s.epoch, s.epoch_step = epoch + 1, 0
             self.epoch_loss.zero_()
             if best:

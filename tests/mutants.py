@@ -110,6 +110,8 @@ MUTANTS = [
            "    check_job_record(job, recipe)\n", "", "tests/test_eval.py -k another_encoder"),
     Mutant("records: another dataset accepted", "dtm_ds/run_record.py", "elif recorded is not None and recorded != data:",
            "elif False:", "tests/faults/test_cluster.py -k other_data"),
+    Mutant("logs: DeepSpeed's monitors get nothing", "dtm_ds/logs.py", "            self.monitor.write_events([(name, value, step)])",
+           "            pass", f"{TRAIN} -k monitors"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

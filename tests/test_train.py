@@ -441,3 +441,20 @@ def test_logs_read_well_in_a_batch_system(image_folder, tmp_path):
         lines[-2]
         == f"wrote: checkpoint {out}/checkpoints/step00000006, metrics {out}/metrics.jsonl, tensorboard {out}/tb"
     )
+
+
+def test_deepspeed_monitors_get_every_logged_scalar(image_folder, tmp_path):
+    """A DeepSpeed JSON with ``csv_monitor`` on: its CSV files hold the same values at the same steps as
+    metrics.jsonl (loss, lr, img/s, ...), not only DeepSpeed's own learning rate."""
+    import csv
+
+    out, monitor = tmp_path / "run", tmp_path / "monitor"
+    ds = ds_json(tmp_path / "ds.json", 4, csv_monitor={"enabled": True, "output_path": str(monitor), "job_name": "j"})
+    subprocess.run(train_cmd(image_folder, out, ds, 4, "--run.log_every=2"), check=True, cwd=ROOT, env=run_env(),
+                   capture_output=True)  # fmt: skip
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "img_per_s", "loss_level1"):
+        with open(monitor / "j" / f"train_{key}.csv") as f:
+            table = list(csv.reader(f))
+        assert table[0] == ["step", key]
+        assert [(int(s), float(v)) for s, v in table[1:]] == [(r["step"], r[key]) for r in rows]
