@@ -224,7 +224,7 @@ class RunConfig:
     """Capture the DTM step as a CUDA graph on GPU (replayed for every schedule)."""
     compile: str | None = None
     """torch.compile backend for the student and the DTM step (e.g. 'inductor'); None: eager."""
-    dist_timeout_s: float = 600
+    dist_timeout_s: float = 600.0
     """Seconds a collective waits for a hung rank before the run fails (a dead rank fails it at once)."""
 
     def __post_init__(self):

@@ -3,11 +3,13 @@ keys, fine-tuning's job and recipe, the probes', segmentation's) checked against
 an unknown name answered with what it may mean."""
 
 import difflib
+import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
-__all__ = ["coerce", "parse_options", "suggest"]
+__all__ = ["coerce", "parse_options", "read_config_file", "suggest"]
 
 
 def coerce(key: str, value: Any, kind) -> Any:
@@ -71,3 +73,34 @@ def parse_options(options: dict[str, Any], kinds: dict[str, Any], what: str = "o
         )
         raise ValueError(f"unknown {what} {unknown}{hints} (--help lists them)")
     return {k: coerce(k, v, kinds[k]) for k, v in options.items()}
+
+
+def read_config_file(path: str | Path, sections, keep=(), ignore=()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A config file (``.yaml``/``.yml`` YAML, else JSON) with the sections of a run's config (``{section: {field:
+    value}}``, as ``--print_config`` prints them): ``(its options as dotted keys, its top-level keys in keep)``.
+    Keys in ``ignore`` (figures ``--print_config`` derives) are skipped; any other top-level key is an error
+    naming it. The options are checked by the caller, as command-line options are (``parse_options``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            tree = yaml.safe_load(path.read_text())
+        else:
+            tree = json.loads(path.read_text())
+    except Exception as err:  # yaml's and json's parse errors: one line naming the file
+        raise ValueError(f"config file {path} cannot be parsed ({type(err).__name__}: {err})") from err
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    unknown = sorted(set(tree) - set(sections) - set(keep) - set(ignore))
+    if unknown:
+        raise ValueError(f"config file {path}: unknown sections {unknown}; valid: {sorted(sections)}")
+    flat = {}
+    for section in sections:
+        values = tree.get(section) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path}: section {section!r} must be a mapping of fields")
+        flat |= {f"{section}.{name}": value for name, value in values.items()}
+    return flat, {k: tree[k] for k in keep if k in tree}

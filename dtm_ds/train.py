@@ -28,7 +28,7 @@ import torch
 
 from dtm_ds import devices, distributed, faults
 from dtm_ds.checkpoint import Checkpointer, Resume, checkpoint_dir
-from dtm_ds.config import Config, build_config
+from dtm_ds.config import SECTIONS, Config, build_config
 from dtm_ds.data import PretrainLoader, check_source, loader_spec
 from dtm_ds.engine import (
     Window,
@@ -46,6 +46,7 @@ from dtm_ds.files import check_writable
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
 from dtm_ds.morph import morphed_loss, sample_schedule, tokenwise_loss
+from dtm_ds.options import read_config_file
 from dtm_ds.run_record import check_records, resolved_settings, write_records
 from dtm_ds.seeds import seed_of
 from dtm_ds.student import DTMStudent
@@ -254,10 +255,11 @@ def resume(p: Parts, saver: Checkpointer, start: Resume) -> TrainState:
 
 def main(
     ds_config: str | None = None,
-    model: str = "vitb",
+    model: str | None = None,
     output_dir: str | None = None,
     max_steps: int | None = None,
     print_config: bool = False,
+    config: str | None = None,
     local_rank: int | None = None,
     **overrides,
 ) -> None:
@@ -266,16 +268,23 @@ def main(
     Args:
         ds_config: DeepSpeed JSON (micro batch, accumulation, precision, ZeRO stage, clipping); see ds_configs/.
             Default: ds_configs/zero2_bf16.json on a GPU machine, ds_configs/cpu.json on a CPU one.
-        model: preset: tiny (CPU, pixels teacher), vits, vitb, vitl or vith.
+        model: preset: tiny (CPU, pixels teacher), vits, vitb, vitl or vith (default: the config file's, else vitb).
         output_dir: the run folder (same as --run.output_dir); a re-run resumes it.
         max_steps: stop after this many optimizer steps (same as --run.max_steps; the lr schedule still
             spans optim.epochs).
         print_config: print the resolved settings as JSON (for WORLD_SIZE ranks, default 1) and exit;
-            reads no data or weights and needs no GPU.
+            reads no data or weights and needs no GPU. The output is a valid ``--config`` file.
+        config: a YAML or JSON file with the sections of config.json (``{"optim": {"lr": ...}, ...}``; also
+            ``preset`` and ``ds_config``); options on the command line win over it.
         local_rank: set by the deepspeed launcher.
     """
     overrides = {k.replace("-", "_"): v for k, v in overrides.items()}
     overrides |= {k: v for k, v in (("run.output_dir", output_dir), ("run.max_steps", max_steps)) if v is not None}
+    if config:  # the file first, the command line over it
+        from_file, extra = read_config_file(config, SECTIONS, keep=("preset", "ds_config"), ignore=DERIVED)
+        overrides = from_file | overrides
+        model, ds_config = model or extra.get("preset"), ds_config or extra.get("ds_config")
+    model = model or "vitb"
     config = build_config(model, overrides)
     ds_path, chosen = devices.resolve_ds_config(ds_config)
     if print_config:
@@ -315,6 +324,10 @@ def main(
         print("wrote: " + ", ".join(f"{k} {v}" for k, v in paths.items()), flush=True)
         print(json.dumps({"done": done, "step": state.step, "loss": last.get("loss")} | paths), flush=True)
     distributed.close()
+
+
+DERIVED = ("engine", "peak_lr", "peak_lr_rule", "accelerator", "teacher_precision", "ds_config_chosen")
+"""What ``--print_config`` adds to the config's sections (derived figures): skipped when its output is read back."""
 
 
 def check_inputs(config: Config, ds_path: str, world: int) -> tuple[dict, dict]:

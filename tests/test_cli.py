@@ -156,3 +156,42 @@ def test_the_one_option_parser_converts_and_suggests():
         parse_options({"a.epoch": 1, "b": 2}, kinds)
     with pytest.raises(ValueError, match=r"optim.epochs expects int, got 1.5"):
         parse_options({"optim.epochs": 1.5}, kinds)
+
+
+def test_a_config_file_round_trips_print_config_and_the_command_line_wins(image_folder, tmp_path):
+    """``--print_config`` output is a valid ``--config`` file (JSON, and the same as YAML): read back, it gives the
+    same settings; an option on the command line wins over the file; an unknown section is an error naming it;
+    a run started from a file refuses a re-run whose file changes a setting, as with command-line options."""
+    import yaml
+
+    def settings(*args: str) -> dict:
+        cmd = [sys.executable, "dtm_ds/train.py", *args, "--print_config"]
+        done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    first = settings("--model", "tiny", f"--data.path={image_folder}", "--optim.lr=0.01", "--dtm.beta=1.5")
+    (tmp_path / "c.json").write_text(json.dumps(first))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(first))
+    for file in ("c.json", "c.yaml"):
+        again = settings("--config", str(tmp_path / file))
+        assert {k: v for k, v in again.items() if k != "ds_config_chosen"} == {
+            k: v for k, v in first.items() if k != "ds_config_chosen"
+        }
+    assert first["preset"] == "tiny" and first["optim"]["lr"] == 0.01 and first["dtm"]["beta"] == 1.5
+    assert settings("--config", str(tmp_path / "c.yaml"), "--optim.lr=0.02")["optim"]["lr"] == 0.02
+    (tmp_path / "bad.yaml").write_text("optim:\n  lr: 0.1\noptimiser:\n  lr: 0.1\n")
+    bad = subprocess.run([sys.executable, "dtm_ds/train.py", "--config", str(tmp_path / "bad.yaml"), "--print_config"],
+                         cwd=ROOT, env=run_env(), capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "unknown sections ['optimiser']" in bad.stderr
+    out, ds = tmp_path / "run", ds_json(tmp_path / "ds.json", 4)
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"preset": "tiny", "data": {"path": str(image_folder), "workers": 0},
+                                        "run": {"output_dir": str(out), "vis_every": 0}}))  # fmt: skip
+    base = [sys.executable, "dtm_ds/train.py", "--ds_config", ds, "--config", str(run_file), "--max_steps", "2"]
+    assert subprocess.run(base, cwd=ROOT, env=run_env(), capture_output=True).returncode == 0
+    changed = yaml.safe_load(run_file.read_text()) | {"optim": {"lr": 0.5}}
+    run_file.write_text(yaml.safe_dump(changed))
+    refused = subprocess.run(base, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "optim.lr: " in refused.stderr, refused.stderr[-2000:]
+    assert "holds a run with other settings" in refused.stderr

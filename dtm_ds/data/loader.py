@@ -161,7 +161,7 @@ def check_source(spec: LoaderSpec) -> dict:
     its size and first and last MiB; a listing: its file names and labels in order), for the run's records."""
     digest = hashlib.sha256()
     if spec.backend == "ffcv":
-        samples, path = check_beton(spec.path), Path(spec.path)
+        samples, path = int(check_beton(spec.path)), Path(spec.path)
         size = path.stat().st_size
         with path.open("rb") as f:
             digest.update(f"{samples} {size}".encode() + f.read(1 << 20))

@@ -67,4 +67,4 @@ def check_beton(path: str | Path) -> int:
             f"{path} holds the fields {layout}; the loaders read an RGBImageField 'image' and an IntField 'label' "
             "(write it with: python -m data_prep.write_ffcv)"
         )
-    return reader.num_samples
+    return int(reader.num_samples)
