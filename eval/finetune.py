@@ -43,7 +43,7 @@ from dtm_ds.engine import (
 )
 from dtm_ds.files import write_atomic
 from dtm_ds.logs import RunLog
-from dtm_ds.options import parse_options
+from dtm_ds.options import parse_options, read_config_file
 from dtm_ds.pretrained import encoder_config, save_timm_folder
 from dtm_ds.seeds import seed_of
 from eval.classifier import ListingImages, build_classifier, classifier_args, hit_counts, load_pretrained
@@ -368,6 +368,7 @@ def main(
     ds_config: str | None = None,
     model: str | None = None,
     print_config: bool = False,
+    config: str | None = None,
     local_rank: int | None = None,
     **options,
 ) -> dict | None:
@@ -380,9 +381,23 @@ def main(
         ds_config: DeepSpeed JSON; micro batch x accumulation x ranks must equal --recipe.batch_size. Default:
             ds_configs/zero2_bf16.json on a GPU machine, ds_configs/cpu.json on a CPU one.
         model: with --print_config and no --encoder: the preset whose size picks the recipe (vitb, vitl, ...).
-        print_config: print the resolved job, recipe and peak lr as JSON and exit; reads no data or weights.
+        print_config: print the resolved job, recipe and peak lr as JSON and exit; reads no data or weights. The
+            output is a valid ``--config`` file.
+        config: a YAML or JSON file with the sections ``job`` and ``recipe`` (as --print_config prints them, also
+            ``ds_config``); options on the command line win over it.
         local_rank: set by the deepspeed launcher.
     """
+    if config:  # the file first, the command line over it
+        derived = ("global_batch", "peak_lr", "peak_lr_rule", "layer_lr_scales", "ranks_for_global_batch",
+                   "gradient_clipping")  # fmt: skip
+        flat, extra = read_config_file(config, ("job", "recipe"), keep=("ds_config",), ignore=derived)
+        from_file = {k.removeprefix("job."): v for k, v in flat.items() if k not in ("job.model", "job.depth")}
+        given = {"encoder": encoder, "dataset": dataset, "data": data}
+        encoder, dataset, data = (given[k] if given[k] is not None else from_file.pop(k, None) for k in given)
+        for k in given:
+            from_file.pop(k, None)
+        model, ds_config = model or flat.get("job.model"), ds_config or extra.get("ds_config")
+        options = from_file | options
     if dataset not in RECIPES:
         raise ValueError(f"--dataset {dataset!r} is not a recipe; choose one of {sorted(RECIPES)}")
     if encoder is None and not (print_config and model):

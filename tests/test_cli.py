@@ -195,3 +195,22 @@ def test_a_config_file_round_trips_print_config_and_the_command_line_wins(image_
     refused = subprocess.run(base, cwd=ROOT, env=run_env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "optim.lr: " in refused.stderr, refused.stderr[-2000:]
     assert "holds a run with other settings" in refused.stderr
+
+
+def test_finetuning_takes_its_print_config_as_a_config_file(tmp_path):
+    """Fine-tuning's ``--print_config`` (job and recipe) read back with ``--config`` gives the same settings;
+    the command line wins over the file."""
+    import yaml
+
+    def settings(*args: str) -> dict:
+        cmd = [sys.executable, "eval/finetune.py", *args, "--print_config"]
+        done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout)
+
+    first = settings("--dataset", "imagenet", "--model", "vitl", "--recipe.lr=0.001", "--keep_last=4")
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(first))
+    assert settings("--config", str(tmp_path / "f.yaml")) == first
+    assert first["recipe"]["lr"] == 0.001 and first["job"]["keep_last"] == 4 and first["recipe"]["layer_decay"] == 0.8
+    wins = settings("--config", str(tmp_path / "f.yaml"), "--recipe.lr=0.002", "--dataset", "cub")
+    assert wins["recipe"]["lr"] == 0.002 and wins["job"]["dataset"] == "cub"
