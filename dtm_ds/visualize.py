@@ -10,7 +10,7 @@ from dtm_ds.config import Config
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.morph import morph_levels
 
-__all__ = ["GOLDEN", "group_colours", "morph_figure", "paint_groups", "picture_spec", "visualize"]
+__all__ = ["GOLDEN", "group_colours", "morph_figure", "paint_groups", "panel_titles", "picture_spec", "visualize"]
 
 GOLDEN = 0.6180339887498949
 
@@ -50,18 +50,47 @@ def paint_groups(pixels: torch.Tensor, groups: torch.Tensor, patch: int) -> torc
 
 
 def morph_figure(images: torch.Tensor, teacher, config: Config, schedule: torch.Tensor) -> torch.Tensor:
-    """[3, rows*H', (1+L)*W'] grid: the input, then one panel per level of ``schedule``. Small images are
-    enlarged (nearest) to about 224 px first, so boundaries stay one pixel wide."""
+    """[3, header + rows*H' + footer, (1+L)*W'] picture: the input, then one panel per level of ``schedule``,
+    each titled with its level and its sampled n (tokens merged) and k (merging iterations); a footer says
+    what the colours and lines are and, with ``dtm.protect_first``, that the top-left patch (the first
+    token) never merges (the reference's behaviour). Small images are enlarged (nearest) to about 224 px
+    first, so boundaries stay one pixel wide."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     scale = max(1, 224 // images.shape[-1])
     pixels = (images.float() * std + mean).clamp(0, 1)
     pixels = pixels.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    morphed = morph_levels(teacher(images), schedule.to(images.device), config.dtm.protect_first)
+    schedule = schedule.to(images.device)
+    morphed = morph_levels(teacher(images), schedule, config.dtm.protect_first)
     patch = config.model.patch_size * scale
     columns = [pixels] + [paint_groups(pixels, groups, patch) for groups in morphed.groups]
     rows = torch.cat(columns, dim=3)  # (B, 3, H', (1+L)*W')
-    return torch.cat(list(rows), dim=1).cpu()
+    body = torch.cat(list(rows), dim=1).cpu()
+    width = pixels.shape[-1]
+    titles = panel_titles(schedule)
+    legend = "colour: a group of tokens; white line: where groups meet"
+    if config.dtm.protect_first:
+        legend += "; the top-left patch (the first token) never merges"
+    header = _text([(i * width + 4, title) for i, title in enumerate(titles)], body.shape[-1])
+    return torch.cat([header, body, _text([(4, legend)], body.shape[-1])], dim=1)
+
+
+def panel_titles(schedule: torch.Tensor) -> list[str]:
+    """The picture's column titles: the input, then per level its sampled n (tokens merged, the sum of the
+    schedule's row) and k (merging iterations, its non-zero entries)."""
+    levels = [f"level {i + 1}: n={int(row.sum())}, k={int((row > 0).sum())}" for i, row in enumerate(schedule)]
+    return ["input (one row per image)", *levels]
+
+
+def _text(items: list[tuple[int, str]], width: int, height: int = 16) -> torch.Tensor:
+    """[3, height, width] white strip with each ``(x, text)`` written in black (PIL's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for x, text in items:
+        draw.text((x, 2), text, fill="black")
+    return torch.frombuffer(bytearray(strip.tobytes()), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1) / 255
 
 
 def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int = 0) -> str:

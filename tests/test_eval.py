@@ -170,7 +170,7 @@ def test_visualize_writes_the_groups_png(pretrained, tmp_path):
 
     out = visualize(str(pretrained), str(tmp_path / "groups.png"), images=2)
     width, height = Image.open(out).size
-    assert (width, height) == (3 * 32 * 7, 2 * 32 * 7)  # input + 2 levels, 2 rows, enlarged x7 from 32 px
+    assert (width, height) == (3 * 32 * 7, 16 + 2 * 32 * 7 + 16)  # 3 panels, 2 rows (x7 from 32 px), title, legend
 
 
 def test_groups_picture_takes_the_runs_own_loader_settings():
@@ -273,3 +273,21 @@ def test_finetuning_exports_its_best_classifier_for_timm(pretrained, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(images), classifier(images), rtol=0, atol=0)
     assert record["num_classes"] == 10 and record["dtm_ds"]["dataset"] == "fmnist"
+
+
+def test_the_groups_picture_is_titled_and_has_a_legend(pretrained, tmp_path):
+    """Each panel's title names its level and the sampled n and k (from the schedule: its row's sum and
+    non-zero count); the title strip and the legend strip hold text in every panel's place."""
+    import numpy as np
+    from PIL import Image
+
+    from dtm_ds.visualize import panel_titles, visualize
+
+    schedule = torch.tensor([[3, 3, 0], [5, 0, 0]])
+    assert panel_titles(schedule) == ["input (one row per image)", "level 1: n=6, k=2", "level 2: n=5, k=1"]
+    picture = np.asarray(Image.open(visualize(str(pretrained), str(tmp_path / "g.png"), images=2)).convert("L"))
+    width = picture.shape[1] // 3
+    for column in range(3):
+        title = picture[:16, column * width : (column + 1) * width]
+        assert (title < 100).sum() > 20 and (title > 250).mean() > 0.5  # dark text on white
+    assert (picture[-16:] < 100).sum() > 100  # the legend line
