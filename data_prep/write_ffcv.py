@@ -7,17 +7,23 @@ SOURCE is an ImageNet root (``train/<wnid>/``, ``val/``), any ImageFolder tree, 
 root of a downstream set (inat18, inat19, cub, cars, aircraft, flowers, pets; data_prep/datasets.py).
 Unreadable images are
 skipped and listed in ``<out>.bad.txt``; more than ``max_bad`` of them (a fraction) fails the
-conversion. The output is written under a temporary name and renamed at the end. The class names
-in label order go to ``<out>.classes.json``.
+conversion. The output is written under a temporary name and renamed at the end; a conversion killed
+at any point leaves at most that temporary file, which the next conversion to the same ``out`` removes,
+and no process behind (the checking and writing workers end with it). The class names in label order go
+to ``<out>.classes.json``.
 """
 
+import contextlib
+import ctypes
+import functools
 import json
 import os
+import signal
 import time
 from multiprocessing import Pool
 from pathlib import Path
 
-import fire
+import ffcv.writer
 from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from PIL import Image
@@ -60,7 +66,8 @@ def drop_bad(listing: Listing, workers: int, report: Path, max_bad: float) -> tu
     if listing.paths is None:
         return listing, 0
     with Pool(workers) as pool:
-        reasons = list(tqdm(pool.imap(check_image, listing.paths, chunksize=32), total=len(listing), desc="checking"))
+        checks = pool.imap(check_image, listing.paths, chunksize=32)
+        reasons = list(tqdm(checks, total=len(listing), desc="checking images", unit="img"))
     bad = [(p, r) for p, r in zip(listing.paths, reasons, strict=True) if r is not None]
     report.write_text("".join(f"{p}\t{r}\n" for p, r in bad))
     if len(bad) > max_bad * len(listing):
@@ -70,6 +77,43 @@ def drop_bad(listing: Listing, workers: int, report: Path, max_bad: float) -> tu
             "Fix the files or raise --max_bad."
         )
     return listing.subset([i for i, r in enumerate(reasons) if r is None]), len(bad)
+
+
+_CONVERTING: set[int] = set()
+
+
+def _die_with_parent() -> None:
+    """In a process forked during a conversion (the checking pool, FFCV's writers): SIGKILL when the parent
+    dies, so a killed conversion leaves no worker writing on (Linux ``PR_SET_PDEATHSIG``)."""
+    if os.getppid() not in _CONVERTING:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
+os.register_at_fork(after_in_child=_die_with_parent)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove ``.<out>.tmp-<pid>`` files of conversions that were killed (their process is gone)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
+        if not alive:
+            print(f"removing {tmp}: left by a conversion that was killed", flush=True)
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def convert(
@@ -87,13 +131,40 @@ def convert(
     max_bad: float = 0.01,
     dataset: str | None = None,
 ) -> dict:
-    """Write ``out`` (.beton) from ``source``; returns the summary that is also printed."""
+    """Write ``out`` (.beton) from ``source``; returns the summary that is also printed.
+
+    Args:
+        source: an ImageNet root, an ImageFolder tree, a list file (``path label`` lines) or fashion_mnist.
+        out: the .beton to write (beside it: ``.bad.txt``, the unreadable files; ``.classes.json``).
+        split: train or val (ImageNet and the downstream sets).
+        max_side: resize so the longer side is at most this (None: as stored).
+        write_mode: jpg, raw, smart or proportion (FFCV's RGBImageField modes).
+        jpeg_quality: 1..100, for the JPEG-compressed images.
+        compress_probability: proportion mode: the share of images stored as JPEG.
+        workers: checking and writing processes.
+        per_class: keep only this many images per class (a subsample).
+        fraction: keep this fraction of the images (a subsample).
+        seed: of the subsample.
+        max_bad: the largest share of unreadable images that is skipped rather than an error.
+        dataset: read ``source`` as this downstream set (inat18, inat19, cub, cars, aircraft, flowers, pets).
+    """
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
+    _CONVERTING.add(os.getpid())  # workers forked meanwhile die with this process (``_die_with_parent``)
+    try:
+        return _convert(source, out, split, max_side, write_mode, jpeg_quality, compress_probability, workers,
+                        per_class, fraction, seed, max_bad, dataset)  # fmt: skip
+    finally:
+        _CONVERTING.discard(os.getpid())
+
+
+def _convert(source, out: Path, split, max_side, write_mode, jpeg_quality, compress_probability, workers, per_class,
+             fraction, seed, max_bad, dataset) -> dict:  # fmt: skip
     start = time.perf_counter()
     listing = select(open_listing(source, split, dataset), per_class, fraction, seed)
     listing, bad = drop_bad(listing, workers, Path(f"{out}.bad.txt"), max_bad)
@@ -101,19 +172,30 @@ def convert(
         raise ValueError(f"nothing to write from {source} (split {split!r})")
     field = RGBImageField(write_mode, max_side, jpeg_quality=jpeg_quality, compress_probability=compress_probability)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    labelled = functools.partial(tqdm, desc=f"writing {out.name}", unit="img")
     try:
-        writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
-        writer.from_indexed_dataset(_Items(listing), chunksize=64)
+        with _patched(ffcv.writer, "tqdm", labelled):  # FFCV's own bar, unlabelled otherwise
+            writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
+            writer.from_indexed_dataset(_Items(listing), chunksize=64)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     Path(f"{out}.classes.json").write_text(json.dumps({"classes": listing.classes}, indent=1))
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "written": len(listing), "skipped_bad": bad, "classes": len(listing.classes)}
+    summary["bad_list"] = f"{out}.bad.txt" if listing.paths is not None else None
     summary |= {"seconds": round(seconds, 2), "images_per_s": round(len(listing) / seconds, 1)}
     print(json.dumps(summary))
     return summary
 
 
+def describe() -> str:
+    from dtm_ds import cli
+
+    return cli.describe(__doc__, [("Options", cli.function_rows(convert))])
+
+
 if __name__ == "__main__":
-    fire.Fire(convert, serialize=lambda summary: None)  # the summary is printed as one JSON line
+    from dtm_ds import cli
+
+    cli.run(convert, describe)  # the summary is printed as one JSON line

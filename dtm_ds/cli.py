@@ -5,6 +5,8 @@ as one line.
 
 * ``-h`` / ``--help`` anywhere print ``describe()`` (each option with its type, default and one-line
   description) and exit 0;
+* a ``--flag`` that ``main`` has no parameter for (when it takes no ``**options``) is refused before any
+  work: one line with what it may mean, exit 2;
 * a user error (a bad value, a missing file, an inconsistent config: ``ValueError``, ``OSError``
   subclasses and ``CheckpointError`` raised by this repository's code) prints ``error: <message>``
   on rank 0 and exits 2. ``DTM_TRACEBACK=1`` shows the traceback instead. Errors raised inside a
@@ -38,6 +40,10 @@ def run(main: Callable, describe: Callable[[], str], exit_at_once: bool = False)
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
         print(describe())
         sys.exit(0)
+    unknown = unknown_flags(main, sys.argv[1:])
+    if unknown:  # before any work: fire would apply a flag it cannot consume to main's result, afterwards
+        print(f"error: {unknown}", file=sys.stderr, flush=True)
+        sys.exit(2)
     try:
         fire.Fire(main, serialize=lambda result: None)
     except Exception as err:
@@ -51,6 +57,23 @@ def run(main: Callable, describe: Callable[[], str], exit_at_once: bool = False)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def unknown_flags(main: Callable, argv: list[str]) -> str | None:
+    """For a ``main`` without ``**options``: what is wrong with the ``--flags`` of ``argv`` that it has no
+    parameter for (one line, each with what it may mean), or None."""
+    from dtm_ds.options import suggest
+
+    params = inspect.signature(main).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None  # its options are checked by main itself (parse_options)
+    names = {n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL}
+    given = [a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")]
+    bad = [g for g in given if g not in names and not (g.startswith("no") and g[2:] in names)]
+    if not bad:
+        return None
+    hints = "".join(f"; --{b}: did you mean --{close[0]}?" for b in bad if (close := suggest(b, sorted(names))))
+    return f"unknown options {['--' + b for b in bad]}{hints} (--help lists them)"
 
 
 def _is_user_error(err: BaseException) -> bool:

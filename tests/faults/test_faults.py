@@ -211,3 +211,58 @@ def test_watchdog_ends_a_rank_stuck_where_no_backend_times_out():
     assert done.returncode == 1 and 3 < time.time() - start < 20
     assert "no training step finished in 1 s. rank 0: lost contact with another rank" in done.stderr
     assert 'File "<string>", line 4' in done.stderr  # the stuck stack is dumped
+
+
+def _processes_with(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("phase", ["checking", "writing"])
+def test_a_killed_conversion_leaves_nothing_behind(tmp_path, phase):
+    """SIGKILL to ``python -m data_prep.write_ffcv`` (its main process only, as an OOM killer or a lost job
+    does) while it checks the images or while FFCV's workers write: no worker survives it, and the next
+    conversion removes the temporary file and writes the same .beton as an uninterrupted one."""
+    from data_prep.synthetic import write_class_folder
+
+    write_class_folder(tmp_path / "imgs", {"a": 600, "b": 600}, size=(96, 96))
+    out, whole = tmp_path / "killed" / "train.beton", tmp_path / "whole" / "train.beton"
+
+    def cmd(target):
+        return [sys.executable, "-m", "data_prep.write_ffcv", str(tmp_path / "imgs"), "--out", str(target),
+                "--workers", "2"]  # fmt: skip
+
+    subprocess.run(cmd(whole), check=True, cwd=ROOT, env=run_env(), capture_output=True)
+    proc = subprocess.Popen(
+        cmd(out), cwd=ROOT, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )  # fmt: skip (no pipes: waiting on them would wait for orphans)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        writing, workers = bool(list(out.parent.glob(".train.beton.tmp-*"))), len(_processes_with(str(out))) > 1
+        if workers and writing == (phase == "writing"):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the conversion ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.1)  # the death signal is immediate; FFCV's writers on their own write on (here ~1 s)
+    left = _processes_with(str(out))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"workers outlived the killed conversion: {left}"
+    again = subprocess.run(cmd(out), cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not list(out.parent.glob(".train.beton.tmp-*"))
+    assert json.loads(again.stdout.strip().splitlines()[-1])["bad_list"] == f"{out}.bad.txt"
+    from ffcv.reader import Reader
+
+    a, b = Reader(str(out)), Reader(str(whole))
+    assert a.num_samples == b.num_samples == 1200
+    image, label = (a.field_names.index(name) for name in ("image", "label"))  # metadata columns f0, f1
+    assert (a.metadata[f"f{label}"] == b.metadata[f"f{label}"]).all()
+    for key in ("width", "height"):
+        assert (a.metadata[f"f{image}"][key] == b.metadata[f"f{image}"][key]).all()
