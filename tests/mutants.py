@@ -112,6 +112,12 @@ MUTANTS = [
            "elif False:", "tests/faults/test_cluster.py -k other_data"),
     Mutant("logs: DeepSpeed's monitors get nothing", "dtm_ds/logs.py", "            self.monitor.write_events([(name, value, step)])",
            "            pass", f"{TRAIN} -k monitors"),
+    Mutant("conversion: workers outlive a killed writer", "data_prep/write_ffcv.py",
+           "    if os.getppid() not in _CONVERTING:", "    if True:",
+           "tests/faults/test_faults.py -k 'killed_conversion and writing'"),
+    Mutant("conversion: a killed one's temporary kept", "data_prep/write_ffcv.py",
+           "flush=True)\n            tmp.unlink(missing_ok=True)", "flush=True)",
+           "tests/faults/test_faults.py -k 'killed_conversion and writing'"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),
