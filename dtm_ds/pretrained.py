@@ -81,7 +81,13 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
     ``out``: ``model.safetensors`` (no pickle) and ``config.json`` (timm's architecture, ``model_args`` and
     ``pretrained_cfg`` with ImageNet mean/std, the input size and bicubic resizing; plus a ``dtm_ds`` part:
     the model config, the run and the checkpoint). Loads anywhere as
-    ``timm.create_model("local-dir:<out>", pretrained=True)``; readable by the group."""
+    ``timm.create_model("local-dir:<out>", pretrained=True)``; readable by the group.
+
+    Args:
+        run_dir: a pretraining run folder.
+        out: the folder to write (config.json, model.safetensors).
+        tag: a checkpoint of the run (default: its latest complete one).
+    """
     from dtm_ds.student import DTMStudent
 
     config = load_config(Path(run_dir) / "config.json")

@@ -94,7 +94,14 @@ def _text(items: list[tuple[int, str]], width: int, height: int = 16) -> torch.T
 
 
 def visualize(run_dir: str, out: str = "groups.png", images: int = 4, seed: int = 0) -> str:
-    """Write a PNG of the morphed groups for the first ``images`` pictures of the run's data."""
+    """Write a PNG of the morphed groups for the first ``images`` pictures of the run's data.
+
+    Args:
+        run_dir: a pretraining run folder (its latest checkpoint: the teacher and the data of its config).
+        out: the PNG to write.
+        images: how many pictures (rows).
+        seed: of the pictures' crops and of the sampled schedule.
+    """
     from pathlib import Path
 
     import numpy as np

@@ -118,6 +118,8 @@ MUTANTS = [
     Mutant("conversion: a killed one's temporary kept", "data_prep/write_ffcv.py",
            "flush=True)\n            tmp.unlink(missing_ok=True)", "flush=True)",
            "tests/faults/test_faults.py -k 'killed_conversion and writing'"),
+    Mutant("cli: mistyped flags reach fire", "dtm_ds/cli.py", "    if unknown:  # before any work", "    if False:  # before any work",
+           "tests/test_cli.py -k mistyped"),
     # the agreed stop and dropped windows
     Mutant("agree: a flag on one rank is lost", "dtm_ds/distributed.py", "ReduceOp.MAX", "ReduceOp.MIN",
            "tests/faults/test_cluster.py -k one_rank_drops"),

@@ -214,3 +214,27 @@ def test_finetuning_takes_its_print_config_as_a_config_file(tmp_path):
     assert first["recipe"]["lr"] == 0.001 and first["job"]["keep_last"] == 4 and first["recipe"]["layer_decay"] == 0.8
     wins = settings("--config", str(tmp_path / "f.yaml"), "--recipe.lr=0.002", "--dataset", "cub")
     assert wins["recipe"]["lr"] == 0.002 and wins["job"]["dataset"] == "cub"
+
+
+def test_every_command_refuses_a_mistyped_flag_before_any_work(tmp_path):
+    """``write_ffcv`` (which would otherwise convert first and complain after), ``python -m dtm_ds export`` and
+    ``visualize``: a mistyped flag is one line naming what it may mean, exit 2, nothing written; --help lists
+    the documented options."""
+    from data_prep.synthetic import write_class_folder
+
+    write_class_folder(tmp_path / "imgs", {"a": 2, "b": 2}, size=(16, 16))
+    cases = [
+        (["-m", "data_prep.write_ffcv", str(tmp_path / "imgs"), "--out", str(tmp_path / "x.beton"), "--worker", "2"],
+         "unknown options ['--worker']; --worker: did you mean --workers?"),
+        (["-m", "dtm_ds", "export", str(tmp_path), str(tmp_path / "exp"), "--tagg", "x"],
+         "unknown options ['--tagg']; --tagg: did you mean --tag?"),
+        (["-m", "dtm_ds", "visualize", str(tmp_path), "--image=2"], "--image: did you mean --images?"),
+        (["-m", "dtm_ds", "exprot"], "unknown command 'exprot'"),
+    ]  # fmt: skip
+    for args, said in cases:
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+        assert done.returncode == 2 and said in done.stderr, (args, done.stderr[-1000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # nothing converted or exported
+    help_text = subprocess.run([sys.executable, "-m", "data_prep.write_ffcv", "--help"], cwd=ROOT, env=run_env(),
+                               capture_output=True, text=True).stdout  # fmt: skip
+    assert "--workers" in help_text and "checking and writing processes" in help_text
