@@ -101,10 +101,12 @@ def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(image_folder,
         assert proc.returncode == 1 and "SignalException" in stderr and "got signal: 15" in stderr
     else:
         assert proc.returncode == 0, stderr[-3000:]
-    assert "[rank" not in stderr and json.loads(stdout.strip().splitlines()[-1]) == {
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert "[rank" not in stderr and {k: summary[k] for k in ("done", "step", "loss", "checkpoint")} == {
         "done": False,  # stopped by the signal before max_steps: a re-run continues
         "step": stopped,
         "loss": step_losses(out)[stopped],
+        "checkpoint": str(out / "checkpoints" / f"step{stopped:08d}"),
     }
     assert took < 30 and 4 <= stopped < 40
     folders = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
