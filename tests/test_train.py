@@ -1,6 +1,7 @@
 """Pretraining with the real DeepSpeed engine on CPU (gloo), tiny models and generated data."""
 
 import dataclasses
+import hashlib
 import json
 import re
 import signal
@@ -335,9 +336,10 @@ def test_a_nonfinite_micro_step_drops_exactly_its_window(image_folder, tmp_path)
     tag = edited / "checkpoints" / "step00000001"
     states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     states["train_state"] |= {"epoch_step": 2, "skipped_windows": 1}
-    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    torch.save(states, states_file := tag / "mp_rank_00_model_states.pt")  # the edit, recorded as intact below
     record = json.loads((tag / "complete.json").read_text())
     record["files"]["mp_rank_00_model_states.pt"] = (tag / "mp_rank_00_model_states.pt").stat().st_size
+    record["sha256"]["mp_rank_00_model_states.pt"] = hashlib.sha256(states_file.read_bytes()).hexdigest()
     (tag / "complete.json").write_text(json.dumps(record))
     subprocess.run(train_cmd(image_folder, edited, ds, 3), check=True, cwd=ROOT, env=run_env(), capture_output=True)
     assert step_losses(edited) == step_losses(dropped)
