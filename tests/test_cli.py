@@ -158,6 +158,7 @@ def test_the_one_option_parser_converts_and_suggests():
         parse_options({"optim.epochs": 1.5}, kinds)
 
 
+@pytest.mark.faults_slow
 def test_a_config_file_round_trips_print_config_and_the_command_line_wins(image_folder, tmp_path):
     """``--print_config`` output is a valid ``--config`` file (JSON, and the same as YAML): read back, it gives the
     same settings; an option on the command line wins over the file; an unknown section is an error naming it;

@@ -215,6 +215,7 @@ def test_imagenet_recipe_follows_the_encoder_size():
     assert recipe_for("cub", 24) == recipe_for("cub", 12)
 
 
+@pytest.mark.faults_slow
 def test_finetune_re_run_with_another_encoder_or_recipe_is_refused(pretrained, tmp_path):
     """A fine-tuning folder records its job and recipe (job.json); a re-run with another encoder or another
     recipe field is refused before anything is written, naming each field; cadence and length may change."""

@@ -440,6 +440,7 @@ def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_i
     assert "resumed from step" in third.stdout and json.loads(third.stdout.strip().splitlines()[-1])["done"]
 
 
+@pytest.mark.faults_slow
 def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_refused(image_folder, tmp_path):
     """One flipped byte inside a tensor of the newest checkpoint (its size unchanged): the resume warns naming
     the file and continues from the previous checkpoint, with the losses of an uninterrupted run; with
@@ -468,6 +469,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_refused(image
     assert "refusing to restart from step 0" in refused.stderr and len(step_losses(only)) == 4
 
 
+@pytest.mark.faults_slow
 def test_a_full_disk_on_rank_1_is_said_by_rank_1_and_every_rank_exits(image_folder, tmp_path):
     """2 ranks, ZeRO-1 (each rank writes its optimizer shard); rank 1's writes of checkpoint 4 fail as on a full
     disk. Every rank agrees the save failed and exits 2 with its own line: rank 1 names ENOSPC, rank 0 says
@@ -487,6 +489,7 @@ def test_a_full_disk_on_rank_1_is_said_by_rank_1_and_every_rank_exits(image_fold
     assert "resumed from step00000002" in resumed.stdout
 
 
+@pytest.mark.faults_slow
 def test_a_resume_on_other_data_is_refused_and_a_moved_copy_resumes(image_folder, tmp_path):
     """The run folder records its data (data.json: sample count and fingerprint). Resumed with data.path on a
     partial copy (one image missing) or on another dataset: refused before anything is written, naming the

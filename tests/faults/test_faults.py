@@ -222,6 +222,7 @@ def _processes_with(text: str) -> list[int]:
     return pids
 
 
+@pytest.mark.faults_slow
 @pytest.mark.parametrize("phase", ["checking", "writing"])
 def test_a_killed_conversion_leaves_nothing_behind(tmp_path, phase):
     """SIGKILL to ``python -m data_prep.write_ffcv`` (its main process only, as an OOM killer or a lost job
