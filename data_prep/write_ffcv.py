@@ -22,6 +22,7 @@ import signal
 import time
 from multiprocessing import Pool
 from pathlib import Path
+from unittest import mock
 
 import ffcv.writer
 from ffcv.fields import IntField, RGBImageField
@@ -106,16 +107,6 @@ def _remove_stale_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def convert(
     source: str,
     out: str,
@@ -174,7 +165,7 @@ def _convert(source, out: Path, split, max_side, write_mode, jpeg_quality, compr
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     labelled = functools.partial(tqdm, desc=f"writing {out.name}", unit="img")
     try:
-        with _patched(ffcv.writer, "tqdm", labelled):  # FFCV's own bar, unlabelled otherwise
+        with mock.patch.object(ffcv.writer, "tqdm", labelled):  # FFCV's own bar, unlabelled otherwise
             writer = DatasetWriter(str(tmp), {"image": field, "label": IntField()}, num_workers=workers)
             writer.from_indexed_dataset(_Items(listing), chunksize=64)
         os.replace(tmp, out)

@@ -101,6 +101,8 @@ class _Ahead:
 
     def _run(self) -> None:
         cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(self.device)  # the current device is per thread: this rank's, not device 0
         stream = torch.cuda.Stream(self.device) if cuda else None
         items = self.produce()
         try:
