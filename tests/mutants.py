@@ -46,6 +46,8 @@ MUTANTS = [
            f"{AUG} -k masks"),
     Mutant("masking: loader ignores the minimum", "dtm_ds/data/loader.py", "min(spec.min_mask_block, max(spec.num_masked, 1))",
            "1", f"{AUG} -k masks"),
+    Mutant("ffcv: damaged JPEG left unmarked", "dtm_ds/data/ffcv_source.py", "destination[dst_ix, 0, : len(mark)] = mark",
+           "destination[dst_ix, 0, : len(mark)] = 0", "tests/test_data.py -k damaged"),
     # augmentation and seeds
     Mutant("jitter: one-sided", "dtm_ds/data/augment.py", "(1 + jitter * (2 * draws[:, 1:] - 1))", "(1 + jitter * draws[:, 1:])",
            f"{AUG} -k 'jitter or contrast'"),

@@ -159,3 +159,37 @@ def test_loader_errors(tmp_path, small_beton):
         PretrainLoader(_spec(small_beton, batch_size=64, world=2, rank=1))
     with pytest.raises(ValueError, match="image_size 30 is not divisible by patch_size 8"):
         _spec(small_beton, image_size=30)
+
+
+def test_damaged_jpeg_bytes_in_a_beton_are_an_error_naming_the_sample(tmp_path, small_beton):
+    """Zeroed image bytes inside a .beton: FFCV's decoder thread ignores libjpeg-turbo's failure (the crop would
+    keep a previous batch's pixels) and drops exceptions (a raise there hangs the consumer). The loader names
+    the sample instead, within seconds."""
+    import threading
+
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.reader import Reader
+
+    damaged = tmp_path / "damaged.beton"
+    data = bytearray(small_beton.read_bytes())
+    image = Reader(str(small_beton)).metadata["f0"]
+    assert (image["mode"] == IMAGE_MODES["jpg"]).all()  # every image is a JPEG (write_mode jpg)
+    start = int(image["data_ptr"][7])
+    data[start : start + 256] = bytes(256)
+    damaged.write_bytes(bytes(data))
+    got: list = []
+
+    def run():
+        try:
+            got.extend(PretrainLoader(_spec(damaged, workers=1)).epoch(0))
+        except ValueError as err:
+            got.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the loader hung on a damaged sample"
+    assert isinstance(got[-1], ValueError), got[-1]
+    assert "damaged.beton: the JPEG bytes of sample(s) [7] do not decode" in str(got[-1])
+    clean = list(PretrainLoader(_spec(small_beton, workers=1)).epoch(0))  # the intact copy: no false alarm
+    assert len(clean) == 6

@@ -13,7 +13,13 @@ from ffcv.traversal_order.base import TraversalOrder
 from dtm_ds.data.crops import crop_box, sample_key
 from dtm_ds.data.spec import LoaderSpec, check_beton
 
-__all__ = ["FFCVSource", "SeededRandomResizedCrop"]
+__all__ = ["FFCVSource", "SeededRandomResizedCrop", "damaged_rows"]
+
+# What the decoder writes into the first row of a crop whose JPEG bytes do not decode. FFCV runs decoders in a
+# thread that drops their exceptions (the consumer would wait forever) and ignores libjpeg-turbo's status, so
+# the crop kept a previous batch's pixels. The consumer looks for this mark instead: 16 random pixels (384
+# bits) that no real image row matches by chance.
+DAMAGED = np.random.default_rng(0x0D7A).integers(0, 256, (16, 3), dtype=np.uint8)
 
 
 class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
@@ -28,6 +34,7 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         (s_lo, s_hi), (r_lo, r_hi), seed = self.scale, self.ratio, self.seed
+        mark = DAMAGED[: min(len(DAMAGED), self.output_size[1])].copy()
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -39,7 +46,10 @@ class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
                 if field["mode"] == jpg:
                     pixels = temp_storage[dst_ix]
-                    imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False)
+                    if imdecode_c(data, pixels, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
+                        destination[dst_ix] = 0
+                        destination[dst_ix, 0, : len(mark)] = mark
+                        continue
                     pixels = pixels.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     pixels = data.reshape(height, width, 3)
@@ -92,5 +102,20 @@ class FFCVSource:
     def batches(self, order: np.ndarray, epoch: int):
         self.order.order = order.astype(np.uint64)
         self.loader.next_epoch = epoch
-        for images, labels in self.loader:  # FFCV reuses its output buffers: labels are copied
+        bs = self.spec.batch_size
+        for k, (images, labels) in enumerate(self.loader):  # FFCV reuses its output buffers: labels are copied
+            damaged = damaged_rows(images)
+            if damaged:
+                samples = [int(order[k * bs + i]) for i in damaged]
+                raise ValueError(
+                    f"{self.spec.path}: the JPEG bytes of sample(s) {samples} do not decode (a damaged copy?); "
+                    "re-write the .beton with python -m data_prep.write_ffcv, then resume"
+                )
             yield images, labels.to(torch.long, copy=True)
+
+
+def damaged_rows(images: torch.Tensor) -> list[int]:
+    """Positions in a uint8 [B, 3, S, S] batch of the crops the decoder marked as undecodable (``DAMAGED``)."""
+    width = min(len(DAMAGED), images.shape[-1])
+    mark = torch.from_numpy(DAMAGED[:width].T.copy())  # (3, width): channel-first, as the batch
+    return torch.nonzero((images[:, :, 0, :width] == mark).flatten(1).all(1)).flatten().tolist()
