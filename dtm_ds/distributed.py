@@ -171,11 +171,9 @@ def lock_run_folder(folder: str | Path):
     from dtm_ds.files import FolderInUse, FolderLock
 
     lock = FolderLock(folder)
-    holder = lock.acquire() if rank() == 0 else None
-    _, refused = agree(torch.zeros((), dtype=torch.bool, device=comm_device()), holder is not None)
-    if refused:
-        who = holder or "another launch (rank 0 found its lock)"
-        raise FolderInUse(f"{folder} is in use by {who}; two launches on one run folder would overwrite each "
+    holder = on_rank0(lock.acquire)  # every rank learns who holds it, to say so itself
+    if holder is not None:
+        raise FolderInUse(f"{folder} is in use by {holder}; two launches on one run folder would overwrite each "
                           "other's checkpoints. Wait for that job to end (its lock goes with it) or use another "
                           "output folder")  # fmt: skip
     return lock

@@ -67,6 +67,8 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
         if (out / "metrics.jsonl").exists() and step_losses(out) and max(step_losses(out)) >= step:
             return
         time.sleep(0.1)
+    if proc.poll() is not None and proc.stderr is not None:  # it ended: say why
+        raise AssertionError(f"{out} did not reach step {step}: exit {proc.returncode}\n{proc.stderr.read()[-3000:]}")
     raise AssertionError(f"{out} did not reach step {step}")
 
 

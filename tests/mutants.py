@@ -140,7 +140,7 @@ MUTANTS = [
     # stop signals
     Mutant("loader workers: killed by a job-wide SIGTERM", "dtm_ds/devices.py", "        signal.signal(sig, signal.SIG_IGN)",
            "        pass", "tests/faults/test_cluster.py -k job_wide"),
-    Mutant("run folder: no lock", "dtm_ds/distributed.py", "holder = lock.acquire() if rank() == 0 else None",
+    Mutant("run folder: no lock", "dtm_ds/distributed.py", "holder = on_rank0(lock.acquire)",
            "holder = None", "tests/faults/test_cluster.py -k second_launch"),
     # host synchronisations, FLOPs
     Mutant("loader thread: never told to stop", "dtm_ds/data/loader.py", "            self.stopped.set()",

@@ -38,13 +38,13 @@ def _start(cmd) -> subprocess.Popen:
                             start_new_session=True)  # fmt: skip
 
 
-def _stop(proc: subprocess.Popen, pid: int, sig: int) -> tuple[str, str, float]:
-    """Send ``sig`` to ``pid``; wait for the job; (stdout, stderr, seconds from signal to exit). A SIGKILL
-    goes to every process of the job (a lost node): torchrun's workers run in sessions of their own, and a
-    launcher killed alone leaves them running."""
+def _stop(proc: subprocess.Popen, pid: int | None, sig: int) -> tuple[str, str, float]:
+    """Send ``sig`` to ``pid`` (None: to every process of the job, as ``scancel`` does); wait for the job;
+    (stdout, stderr, seconds from signal to exit). A SIGKILL always goes to every process of the job (a lost
+    node): torchrun's workers run in sessions of their own, and a launcher killed alone leaves them running."""
     try:
         sent = time.time()
-        for target in _tree(proc.pid) if sig == signal.SIGKILL else [pid]:
+        for target in _tree(proc.pid) if sig == signal.SIGKILL or pid is None else [pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(target, sig)
         stdout, stderr = proc.communicate(timeout=120)
@@ -392,16 +392,22 @@ def test_finetune_stop_on_two_ranks_saves_mid_epoch_and_resumes_exactly(pretrain
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
 
 
-@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+SLOW = pytest.mark.faults_slow
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune", pytest.param("pretrain_2_ranks", marks=SLOW),
+                                 pytest.param("finetune_2_ranks", marks=SLOW)])  # fmt: skip
 def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, pretrained, tmp_path, job):
     """SIGTERM to every process of the job (``scancel``, ``systemctl stop``, ``kill -- -PGID``) with 2 DataLoader
     workers: the workers ignore it (the main process owns the stop), the run agrees on a window, saves one
     complete checkpoint and exits 0; torch's own worker handler would have ended them and the run with
-    "DataLoader worker ... is killed by signal: Terminated"."""
+    "DataLoader worker ... is killed by signal: Terminated". On 2 ranks the signal reaches torchrun, both
+    ranks, and each rank's workers: both ranks stop at one step and exit 0; torchrun, signalled itself,
+    re-raises the signal once they have (exit 1, ``SignalException``)."""
     from tests.helpers import finetune_cmd
 
-    out = tmp_path / "run"
-    if job == "pretrain":
+    out, ranks = tmp_path / "run", 2 if job.endswith("_2_ranks") else 1
+    if job.startswith("pretrain"):
         ds = ds_json(tmp_path / "ds.json", 2, accum=8)  # a window longer than the 2 batches the loader holds ready
         cmd = train_cmd(image_folder, out, ds, 400, *LONG, "--run.save_every=1000")
         cmd[cmd.index("--data.workers=0")] = "--data.workers=2"
@@ -409,34 +415,59 @@ def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, 
         cmd = finetune_cmd(pretrained, ds_json(tmp_path / "ds.json", 8), out, "--train_per_class=7",
                            "--eval_per_class=2", "--log_every=1", "--recipe.epochs=50")  # fmt: skip
         cmd[cmd.index("--workers") + 1] = "2"
+        cmd[cmd.index("--recipe.batch_size=8")] = f"--recipe.batch_size={8 * ranks}"
+    if ranks == 2:
+        cmd = torchrun_cmd(29667 if job.startswith("pretrain") else 29668) + cmd[1:]
     proc = _start(cmd)
     wait_for_step(out, 3, proc)
-    assert len(_tree(proc.pid)) >= 3, "the loader workers did not start"
-    stdout, stderr, took = _stop(proc, -proc.pid, signal.SIGTERM)  # the process group: every process of the job
-    assert proc.returncode == 0 and took < 60, stderr[-2000:]
+    deadline = time.time() + 60  # each epoch starts its workers anew: signal while they run
+    while len(_tree(proc.pid)) < 1 + 2 * ranks and time.time() < deadline:  # 2 cores: 1 worker a rank at least
+        time.sleep(0.05)
+    assert len(_tree(proc.pid)) >= 1 + 2 * ranks, "the loader workers did not start"
+    if ranks == 1:
+        stdout, stderr, took = _stop(proc, -proc.pid, signal.SIGTERM)  # the process group: every process of the job
+        assert proc.returncode == 0 and took < 60, stderr[-2000:]
+    else:
+        stdout, stderr, took = _stop(proc, None, signal.SIGTERM)  # torchrun's workers have sessions of their own
+        assert proc.returncode == 1 and "SignalException" in stderr and took < 60, stderr[-2000:]
+        assert "exitcode" not in stderr.replace("exitcode  : 0", ""), stderr[-2000:]  # no rank failed
     assert "stopped by a signal" in stdout and "killed by signal" not in stderr
     tag = (out / "checkpoints" / "latest").read_text()
     assert is_complete(out / "checkpoints" / tag)
 
 
-def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_it(image_folder, tmp_path):
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.faults_slow)])
+def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_it(image_folder, tmp_path, ranks):
     """Two launches on one output folder (a requeue while the old job still runs): the second exits 2 before
-    writing anything, naming the holder's host and pid; the lock dies with its holder (SIGKILL: no clean-up
-    ran), so the next launch resumes."""
+    writing anything, naming the holder's host and pid (on 2 ranks: every rank of the second job says so and
+    exits 2, the first job trains on undisturbed); the lock dies with its holder (SIGKILL: no clean-up ran),
+    so the next launch resumes."""
     import socket
 
     out, ds = tmp_path / "run", ds_json(tmp_path / "ds.json", 4)
-    first = _start(train_cmd(image_folder, out, ds, 400, *LONG, "--run.save_every=2"))
+
+    def launch(steps: int, port: int) -> list[str]:
+        cmd = train_cmd(image_folder, out, ds, steps, *LONG, "--run.save_every=2")
+        return cmd if ranks == 1 else torchrun_cmd(port) + cmd[1:]
+
+    first = _start(launch(400, 29669))
     try:
         wait_for_step(out, 3, first)
-        second = _run(train_cmd(image_folder, out, ds, 400, *LONG, "--run.save_every=2"), check=False)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert f"is in use by host {socket.gethostname()} pid {first.pid} since " in second.stderr
+        holder = first.pid if ranks == 1 else worker_pids(first.pid)[0]
+        second = _run(launch(400, 29670), check=False)
+        assert second.returncode == (2 if ranks == 1 else 1), second.stderr[-2000:]  # torchrun: 1, a rank failed
+        for r in range(ranks):
+            assert f"error (rank {r}): {out} is in use by host {socket.gethostname()} pid {holder} since " in (
+                second.stderr if ranks == 2 else "error (rank 0): " + second.stderr.split("error: ", 1)[-1]
+            ), [line for line in second.stderr.splitlines() if "in use" in line]
+        assert ranks == 1 or "exitcode  : 2" in second.stderr.split("Root Cause")[1]  # a refusal, not a hang
         assert "pretraining tiny on" not in second.stdout  # refused before the build (and any write)
+        at = max(step_losses(out))
+        wait_for_step(out, at + 2, first)  # the first job trains on
     finally:
         _stop(first, first.pid, signal.SIGKILL)
     saved = int((out / "checkpoints" / "latest").read_text().removeprefix("step"))
-    third = _run(train_cmd(image_folder, out, ds, saved + 2, *LONG, "--run.save_every=2"))
+    third = _run(launch(saved + 2, 29669))
     assert "resumed from step" in third.stdout and json.loads(third.stdout.strip().splitlines()[-1])["done"]
 
 
