@@ -21,6 +21,7 @@ from tests.helpers import ROOT, ds_json, run_env, step_losses, torchrun_cmd, tra
 
 LONG = ("--optim.epochs=100",)  # a schedule far longer than the test: stops happen mid-run
 STEPS = 60  # the kill fuzz's run length
+SLOW = pytest.mark.faults_slow  # cases that repeat coverage with more ranks or another signal: make test-faults
 
 
 def _run(cmd, env=None, check=True) -> subprocess.CompletedProcess:
@@ -79,7 +80,7 @@ def two_rank_reference(image_folder, tmp_path_factory):
     return step_losses(tmp / "run")
 
 
-@pytest.mark.parametrize("target", ["one_worker", "both_workers", "launcher"])
+@pytest.mark.parametrize("target", ["one_worker", pytest.param("both_workers", marks=SLOW), "launcher"])
 def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(image_folder, tmp_path, two_rank_reference, target):
     """SIGTERM to rank 1 only, to both ranks 0.3 s apart (what ``srun`` and ``scancel`` do), or to torchrun
     (which forwards it to both): the ranks agree on one step through the per-micro-step all-reduce, write
@@ -116,7 +117,7 @@ def test_a_stop_signal_to_any_process_stops_every_rank_at_one_step(image_folder,
     torch.testing.assert_close(step_losses(out), two_rank_reference, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [pytest.param("SIGKILL", marks=SLOW), "SIGTERM"])
 def test_kill_or_stop_with_accumulation_resumes_exactly(image_folder, tmp_path, sig):
     """gradient_accumulation_steps 2: a SIGKILL falls back to the last checkpoint, a SIGTERM saves at the
     end of the current window; either way the resumed run's per-step losses equal an uninterrupted run's."""
@@ -134,7 +135,7 @@ def test_kill_or_stop_with_accumulation_resumes_exactly(image_folder, tmp_path, 
     torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("engine", ["zero2_bf16", pytest.param("fp32", marks=pytest.mark.faults_slow)])
+@pytest.mark.parametrize("engine", ["zero2_bf16", pytest.param("fp32", marks=SLOW)])
 def test_resume_on_another_number_of_ranks(image_folder, tmp_path, two_rank_reference, engine):
     """2 ranks x accumulation 1, SIGKILL after step 6 (last checkpoint: step 4, or 8), resumed on 1 rank x
     accumulation 2: the same micro-batches, schedules and draws, so the per-step losses equal the
@@ -162,6 +163,7 @@ def test_resume_on_another_number_of_ranks(image_folder, tmp_path, two_rank_refe
     torch.testing.assert_close(losses, {s: reference[s] for s in losses}, rtol=1e-6, atol=0)
 
 
+@SLOW
 def test_grow_from_one_rank_to_two(image_folder, tmp_path):
     """The other direction: 1 rank x accumulation 2 (ZeRO-2, bf16) for 4 steps, then the same run on 2 ranks x
     accumulation 1. The 1-rank optimizer state goes through the universal format, and every step equals an
@@ -270,6 +272,7 @@ def test_sigkill_resume_is_exact_with_ffcv_and_with_zero2_bf16(image_folder, bet
     torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=0, atol=0)
 
 
+@SLOW
 def test_sigkill_resume_is_exact_with_ffcv_on_two_ranks(beton, tmp_path):
     """FFCV on 2 ranks: each rank's loader decodes its own chunks of the global order with its own decode
     threads; a job killed after step 6 and re-run equals an uninterrupted 2-rank FFCV run bit for bit."""
@@ -285,7 +288,7 @@ def test_sigkill_resume_is_exact_with_ffcv_on_two_ranks(beton, tmp_path):
     torch.testing.assert_close(step_losses(out), step_losses(tmp_path / "reference"), rtol=0, atol=0)
 
 
-@pytest.mark.faults_slow
+@SLOW
 def test_kill_fuzz_every_resume_is_exact(image_folder, tmp_path):
     """20 rounds, each a fresh run of 60 steps killed at a moment drawn at random: at a uniform time within the
     training part of the run (a step, a checkpoint write or its publication), or inside the write of a
@@ -392,9 +395,6 @@ def test_finetune_stop_on_two_ranks_saves_mid_epoch_and_resumes_exactly(pretrain
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
 
 
-SLOW = pytest.mark.faults_slow
-
-
 @pytest.mark.parametrize("job", ["pretrain", "finetune", pytest.param("pretrain_2_ranks", marks=SLOW),
                                  pytest.param("finetune_2_ranks", marks=SLOW)])  # fmt: skip
 def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, pretrained, tmp_path, job):
@@ -436,7 +436,7 @@ def test_a_job_wide_sigterm_with_loader_workers_saves_and_exits_0(image_folder, 
     assert is_complete(out / "checkpoints" / tag)
 
 
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.faults_slow)])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=SLOW)])
 def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_it(image_folder, tmp_path, ranks):
     """Two launches on one output folder (a requeue while the old job still runs): the second exits 2 before
     writing anything, naming the holder's host and pid (on 2 ranks: every rank of the second job says so and
@@ -471,7 +471,7 @@ def test_a_second_launch_on_a_folder_in_use_is_refused_and_a_dead_holder_frees_i
     assert "resumed from step" in third.stdout and json.loads(third.stdout.strip().splitlines()[-1])["done"]
 
 
-@pytest.mark.faults_slow
+@SLOW
 def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_refused(image_folder, tmp_path):
     """One flipped byte inside a tensor of the newest checkpoint (its size unchanged): the resume warns naming
     the file and continues from the previous checkpoint, with the losses of an uninterrupted run; with
@@ -500,7 +500,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_none_intact_is_refused(image
     assert "refusing to restart from step 0" in refused.stderr and len(step_losses(only)) == 4
 
 
-@pytest.mark.faults_slow
+@SLOW
 def test_a_full_disk_on_rank_1_is_said_by_rank_1_and_every_rank_exits(image_folder, tmp_path):
     """2 ranks, ZeRO-1 (each rank writes its optimizer shard); rank 1's writes of checkpoint 4 fail as on a full
     disk. Every rank agrees the save failed and exits 2 with its own line: rank 1 names ENOSPC, rank 0 says
@@ -520,7 +520,7 @@ def test_a_full_disk_on_rank_1_is_said_by_rank_1_and_every_rank_exits(image_fold
     assert "resumed from step00000002" in resumed.stdout
 
 
-@pytest.mark.faults_slow
+@SLOW
 def test_a_resume_on_other_data_is_refused_and_a_moved_copy_resumes(image_folder, tmp_path):
     """The run folder records its data (data.json: sample count and fingerprint). Resumed with data.path on a
     partial copy (one image missing) or on another dataset: refused before anything is written, naming the
