@@ -9,6 +9,7 @@ A run's ``config.json`` records the width of the teacher's targets (``model.targ
 student's head is rebuilt from the record, not guessed from weight shapes.
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from dtm_ds.checkpoint import checkpoint_dir, latest_tag, weights_only
 from dtm_ds.config import ModelConfig, load_config, model_config
 
 __all__ = [
-    "TIMM_ARCHITECTURE", "encoder_config", "export", "load_student", "save_timm_folder", "target_dim", "timm_args",
+    "MMSEG_FILE", "TIMM_ARCHITECTURE", "encoder_config", "export", "fold_shared_table", "load_student",
+    "mmseg_beit_state", "save_timm_folder", "target_dim", "timm_args",
 ]  # fmt: skip
 
 
@@ -76,7 +78,41 @@ def timm_args(model: ModelConfig) -> dict:
                 num_classes=0, global_pool="avg")  # fmt: skip
 
 
-def export(run_dir: str, out: str, tag: str | None = None) -> str:
+MMSEG_FILE = "mmseg_beit.pth"
+"""A folded export's weights under mmseg's ``BEiT`` backbone names (``init_cfg=dict(type="Pretrained", ...)``)."""
+
+_MMSEG_NAMES = (("patch_embed.proj.", "patch_embed.projection."), ("blocks.", "layers."), (".norm1.", ".ln1."),
+                (".norm2.", ".ln2."), (".mlp.fc1.", ".ffn.layers.0.0."), (".mlp.fc2.", ".ffn.layers.1."))  # fmt: skip
+
+
+def fold_shared_table(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """``state`` (timm ``Beit`` names) with the shared relative position table folded into every block's: each
+    block's table becomes its own plus the shared one (both were added to the same attention logits, through
+    the same index, so the sum gives the same attention), or a copy of the shared one where blocks had none.
+    As the reference fine-tunes (``--init_both_rpb``); a state without a shared table is returned as it is."""
+    state = dict(state)
+    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+    if shared is not None:
+        for i in range(depth):
+            key = f"blocks.{i}.attn.relative_position_bias_table"
+            state[key] = state[key] + shared if key in state else shared.clone()
+    return state
+
+
+def mmseg_beit_state(folded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A folded encoder state (timm names) under the names of mmseg's stock ``BEiT`` backbone (``final_norm=False``,
+    as its segmentation configs: the final norm is dropped); its relative position index buffers are mmseg's own."""
+    state = {}
+    for key, value in folded.items():
+        if key.startswith("norm.") or key.endswith("relative_position_index"):
+            continue
+        for ours, theirs in _MMSEG_NAMES:
+            key = key.replace(ours, theirs)
+        state[key] = value
+    return state
+
+
+def export(run_dir: str, out: str, tag: str | None = None, fold: bool = False) -> str:
     """Write the student encoder of ``run_dir`` (its latest complete checkpoint, or ``tag``) as a timm model folder
     ``out``: ``model.safetensors`` (no pickle) and ``config.json`` (timm's architecture, ``model_args`` and
     ``pretrained_cfg`` with ImageNet mean/std, the input size and bicubic resizing; plus a ``dtm_ds`` part:
@@ -87,15 +123,29 @@ def export(run_dir: str, out: str, tag: str | None = None) -> str:
         run_dir: a pretraining run folder.
         out: the folder to write (config.json, model.safetensors).
         tag: a checkpoint of the run (default: its latest complete one).
+        fold: fold the shared relative position table into every block's (as fine-tuning does): the same
+            features, one table per block (timm's ``use_rel_pos_bias``, the BEiT fine-tuning layout), and
+            also ``mmseg_beit.pth``, the same weights under the names of mmseg's stock ``BEiT`` backbone.
     """
     from dtm_ds.student import DTMStudent
 
     config = load_config(Path(run_dir) / "config.json")
     tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}")
     student = DTMStudent(config.model, target_dim(run_dir))
     student.load_state_dict(_student_state(run_dir, tag))
-    ours = {"model": config.to_dict()["model"], "run": str(Path(run_dir).resolve()), "checkpoint": tag}
-    return save_timm_folder(student.encoder_state_dict(), timm_args(config.model), out, config.model.img_size, ours)
+    model, state = config.model, student.encoder_state_dict()
+    if fold:
+        model = dataclasses.replace(model, rel_pos_bias="block")
+        state = fold_shared_table(state, model.depth)
+    ours = {"model": dataclasses.asdict(model), "run": str(Path(run_dir).resolve()), "checkpoint": tag,
+            "folded": fold}  # fmt: skip
+    save_timm_folder(state, timm_args(model), out, model.img_size, ours)
+    if fold:
+        torch.save({"state_dict": mmseg_beit_state(state), "meta": {"dtm_ds": ours}}, Path(out) / MMSEG_FILE)
+        (Path(out) / MMSEG_FILE).chmod(0o644)
+    return str(out)
 
 
 def save_timm_folder(state: dict[str, torch.Tensor], args: dict, out: str | Path, img_size: int, ours: dict) -> str:

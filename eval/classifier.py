@@ -7,7 +7,7 @@ from torch.utils.data import Dataset
 
 from data_prep.sources import Listing
 from dtm_ds.config import ModelConfig
-from dtm_ds.pretrained import load_student
+from dtm_ds.pretrained import fold_shared_table, load_student
 
 
 def classifier_args(model: ModelConfig, num_classes: int, img_size: int) -> dict:
@@ -31,12 +31,7 @@ def load_pretrained(classifier: Beit, encoder: str) -> dict[str, list[str]]:
     table copies it into every block. timm's BEiT filter resizes tables and patch embeddings to the
     classifier's resolution; the pre-pooling norm is dropped (mean pooling uses a fresh fc_norm).
     Returns missing/unexpected keys."""
-    state = load_student(encoder).encoder_state_dict()
-    shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
-    if shared is not None:
-        for i in range(len(classifier.blocks)):
-            key = f"blocks.{i}.attn.relative_position_bias_table"
-            state[key] = state[key] + shared if key in state else shared.clone()
+    state = fold_shared_table(load_student(encoder).encoder_state_dict(), len(classifier.blocks))
     state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     missing, unexpected = classifier.load_state_dict(checkpoint_filter_fn(state, classifier), strict=False)
     expected_new = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}

@@ -165,6 +165,11 @@ MUTANTS = [
     Mutant("workers: not capped", "dtm_ds/devices.py", "if requested <= share:", "if True:", f"{DEV} -k capped"),
     Mutant("picture: its own crop scale", "dtm_ds/visualize.py", "jitter=0.0, seed=seed,", "jitter=0.0, seed=seed, min_crop_scale=0.2,",
            "tests/test_eval.py -k picture_takes"),
+    Mutant("export --fold: the shared table dropped", "dtm_ds/pretrained.py",
+           "state[key] = state[key] + shared if key in state else shared.clone()",
+           "state[key] = state[key] if key in state else shared.clone()", "tests/test_seg.py -k folded"),
+    Mutant("export --fold: mmseg's norms misnamed", "dtm_ds/pretrained.py", '(".norm2.", ".ln2.")', '(".norm2.", ".norm2.")',
+           "tests/test_seg.py -k folded"),
     # evaluation
     Mutant("k-NN: temperature ignored", "eval/knn.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
            "tests/test_eval.py -k knn_vote"),

@@ -1,10 +1,12 @@
 """ADE20K segmentation (eval/seg): the mmcv-lite shim, the DTMBEiT backbone and its weight transfer,
 mmseg's layer-decay groups, training/eval/resume through mmengine, overfitting, bad input."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 
 import eval.seg  # noqa: F401  (shim first)
-from dtm_ds.pretrained import export, load_student
+from dtm_ds.pretrained import TIMM_ARCHITECTURE, export, load_student, timm_args
 from eval.seg import mmcv_compat
 from eval.seg.backbone import DTMBEiT, default_out_indices
 from eval.seg.data import CheckSegLabels, check_ade20k
@@ -194,3 +196,59 @@ def test_ade20k_recipe_follows_the_encoder_size(ade, tmp_path, arch, expected):
     assert cfg.model.test_cfg["stride"] == (341, 341) and cfg.train_dataloader.batch_size == 16
     assert "clip_grad" not in cfg.optim_wrapper and cfg.param_scheduler[0]["end"] == 1500
     assert build_cfg(str(ade), str(tmp_path), model=arch, lr=1e-3).optim_wrapper.optimizer.lr == 1e-3  # overridable
+
+
+def test_a_folded_export_loads_into_mmseg_stock_beit_and_timm_with_the_same_features(pretrained, tmp_path):
+    """``export --fold``: one relative position table per block (its own plus the shared one). timm loads the folder
+    with no argument; mmseg's own ``BEiT`` backbone, through its stock ``init_cfg=Pretrained`` path, finds every
+    one of its weights in ``mmseg_beit.pth`` (nothing missing but its index buffers, nothing unexpected). With
+    every table of the student drawn at random (a 2-step run's are still near their zero init), both compute the
+    student's features: timm its pooled output, mmseg its last-block patch tokens (mmseg's attention code)."""
+    import timm
+    from mmseg.models.backbones import BEiT
+
+    from dtm_ds.pretrained import MMSEG_FILE, encoder_config, fold_shared_table, mmseg_beit_state
+    from eval.features import _pooled
+
+    folder = tmp_path / "folded"
+    subprocess.run([sys.executable, "-m", "dtm_ds", "export", str(pretrained), str(folder), "--fold"], check=True,
+                   cwd=ROOT, env=run_env(), capture_output=True)  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", MMSEG_FILE, "model.safetensors"]
+    model = encoder_config(pretrained)
+    assert model.rel_pos_bias == "both" and encoder_config(folder).rel_pos_bias == "block"
+    assert timm.create_model(f"local-dir:{folder}", pretrained=True).rel_pos_bias is None  # per block only
+
+    def mmseg_beit(weights: Path) -> BEiT:
+        backbone = BEiT(img_size=model.img_size, patch_size=model.patch_size, embed_dims=model.embed_dim,
+                        num_layers=model.depth, num_heads=model.num_heads, mlp_ratio=int(model.mlp_ratio),
+                        init_values=model.layer_scale, final_norm=False, out_indices=model.depth - 1,
+                        init_cfg=dict(type="Pretrained", checkpoint=str(weights)))  # fmt: skip
+        saved = torch.load(weights, weights_only=True)["state_dict"]
+        missing, unexpected = backbone.load_state_dict(saved, strict=False)
+        assert unexpected == [] and missing and all(k.endswith("relative_position_index") for k in missing)
+        backbone.apply(lambda m: torch.nn.init.zeros_(m.weight) if isinstance(m, torch.nn.Linear) else None)
+        backbone.init_weights()  # mmseg's own loading path puts every weight back
+        backbone.eval()  # (mmseg's BEiT.train returns None)
+        return backbone
+
+    student = load_student(folder).eval()  # the folded export read back as a dtm_ds encoder
+    backbone = mmseg_beit(folder / MMSEG_FILE)
+    torch.testing.assert_close(backbone.layers[0].ffn.layers[1].weight, student.blocks[0].mlp.fc2.weight)
+
+    student = load_student(pretrained).eval()
+    generator = torch.Generator().manual_seed(0)
+    for name, table in student.named_parameters():
+        if name.endswith("relative_position_bias_table"):
+            table.data = torch.randn(table.shape, generator=generator)
+    folded = fold_shared_table(student.encoder_state_dict(), model.depth)
+    torch.save({"state_dict": mmseg_beit_state(folded)}, tmp_path / "random_tables.pth")
+    timm_model = timm.create_model(TIMM_ARCHITECTURE, pretrained=False,
+                                   **timm_args(dataclasses.replace(model, rel_pos_bias="block"))).eval()  # fmt: skip
+    timm_model.load_state_dict(folded)
+    images = torch.randn(2, 3, model.img_size, model.img_size, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model(images), _pooled(student, images, 1), rtol=1e-5, atol=1e-5)
+        (theirs,) = mmseg_beit(tmp_path / "random_tables.pth")(images)
+        ours = student.forward_intermediates(images, indices=[model.depth - 1], norm=False, output_fmt="NCHW",
+                                             intermediates_only=True)[0]  # fmt: skip
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
