@@ -170,6 +170,10 @@ MUTANTS = [
            "state[key] = state[key] if key in state else shared.clone()", "tests/test_seg.py -k folded"),
     Mutant("export --fold: mmseg's norms misnamed", "dtm_ds/pretrained.py", '(".norm2.", ".ln2.")', '(".norm2.", ".norm2.")',
            "tests/test_seg.py -k folded"),
+    Mutant("segmentation --config: the file wins", "eval/seg/train.py",
+           'kwargs = {k: v for k, v in from_file.items() if k not in ("data", "output_dir")} | kwargs',
+           'kwargs = kwargs | {k: v for k, v in from_file.items() if k not in ("data", "output_dir")}',
+           "tests/test_cli.py -k segmentation_takes"),
     # evaluation
     Mutant("k-NN: temperature ignored", "eval/knn.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
            "tests/test_eval.py -k knn_vote"),

@@ -217,6 +217,28 @@ def test_finetuning_takes_its_print_config_as_a_config_file(tmp_path):
     assert wins["recipe"]["lr"] == 0.002 and wins["job"]["dataset"] == "cub"
 
 
+def test_segmentation_takes_its_print_config_as_a_config_file(tmp_path):
+    """ADE20K's ``--print_config`` (its ``seg`` settings and the figures they resolve to) read back with
+    ``--config`` gives the same output; the command line wins over the file; a wrong section is named."""
+    import yaml
+
+    def settings(*args: str, rc: int = 0) -> dict | str:
+        cmd = [sys.executable, "eval/seg/train.py", *args, "--print_config"]
+        done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+        assert done.returncode == rc, done.stderr[-2000:]
+        return json.loads(done.stdout) if rc == 0 else done.stderr
+
+    first = settings("--model", "vitl", "--crop", "256", "--max_iters", "8000", "--lr", "1e-4", "--data", "ade")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(first))
+    assert settings("--config", str(tmp_path / "s.yaml")) == first
+    assert (first["lr"], first["crop"], first["max_iters"], first["depth"]) == (1e-4, [256, 256], 8000, 24)
+    assert first["layer_decay"] == 0.9 and first["seg"]["data"] == "ade"  # the vitl recipe where not given
+    wins = settings("--config", str(tmp_path / "s.yaml"), "--lr", "2e-4", "--model", "vitb")
+    assert (wins["lr"], wins["depth"], wins["crop"]) == (2e-4, 12, [256, 256])
+    (tmp_path / "bad.json").write_text(json.dumps({"recipe": {"lr": 1}}))
+    assert "unknown sections ['recipe']; valid: ['seg']" in settings("--config", str(tmp_path / "bad.json"), rc=2)
+
+
 def test_every_command_refuses_a_mistyped_flag_before_any_work(tmp_path):
     """``write_ffcv`` (which would otherwise convert first and complain after), ``python -m dtm_ds export`` and
     ``visualize``: a mistyped flag is one line naming what it may mean, exit 2, nothing written; --help lists

@@ -79,7 +79,7 @@ def build_cfg(
     amp: str | None = None,
     launcher: str = "none",
     seed: int = 0,
-    config: str | Path = CONFIG,
+    mm_config: str | None = None,
 ):
     """The mmengine Config for one run; every number the command line sets is written here.
 
@@ -103,7 +103,7 @@ def build_cfg(
         amp: mixed precision, bf16 or fp16 (None: fp32).
         launcher: none (one process) or pytorch (torchrun).
         seed: seed of the run.
-        config: the mmengine config file to start from.
+        mm_config: the mmengine config file to start from (None: eval/seg/configs/upernet_dtm_ade20k.py).
     """
     from mmengine.config import Config
 
@@ -118,7 +118,7 @@ def build_cfg(
     recipe = ade20k_recipe(model.depth)
     lr, layer_decay = recipe["lr"] if lr is None else lr, recipe["layer_decay"] if layer_decay is None else layer_decay
     drop_path = recipe["drop_path"] if drop_path is None else drop_path
-    cfg = Config.fromfile(str(config))
+    cfg = Config.fromfile(str(mm_config or CONFIG))
     size = (crop, crop)
     cfg.work_dir = str(output_dir)
     cfg.launcher = launcher
@@ -172,14 +172,40 @@ def build_cfg(
     return cfg
 
 
+OUTPUT_DIR = "outputs/eval/ade20k"
+
+RESOLVED = (
+    "encoder",
+    "model",
+    "depth",
+    "lr",
+    "betas",
+    "weight_decay",
+    "layer_decay",
+    "drop_path",
+    "out_indices",
+    "batch_size",
+    "max_iters",
+    "warmup_iters",
+    "poly_power",
+    "crop",
+    "slide_stride",
+    "clip_grad",
+    "amp",
+)
+"""The top-level figures of ``--print_config`` (``resolved_settings``), read back from the config it builds; a
+``--config`` file skips them (its ``seg`` section holds the settings)."""
+
+
 def main(
     data: str | None = None,
-    output_dir: str = "outputs/eval/ade20k",
+    output_dir: str | None = None,
     test_only: bool = False,
     checkpoint: str | None = None,
     multi_scale: bool = False,
     scan_labels: bool = True,
     print_config: bool = False,
+    config: str | None = None,
     **kwargs,
 ):
     """Train (resuming from ``output_dir``) then evaluate; with ``test_only`` evaluate ``checkpoint``.
@@ -191,11 +217,28 @@ def main(
         checkpoint: an iter_*.pth or best_*.pth to evaluate (with --test_only).
         multi_scale: with --test_only: 6 scales x flip instead of single-scale.
         scan_labels: check every annotation's values before training (rank 0).
-        print_config: print the resolved settings as JSON and exit; reads no data or weights.
+        print_config: print the settings (section ``seg``) and the figures they resolve to as JSON and exit;
+            reads no data or weights. The output is a valid ``--config`` file.
+        config: a YAML or JSON file with the section ``seg`` (as --print_config prints it: data, output_dir
+            and the config scaling options); options on the command line win over it.
     """
+    if config:  # the file first, the command line over it
+        from dtm_ds.options import read_config_file
+
+        flat, _ = read_config_file(config, ("seg",), ignore=RESOLVED)
+        from_file = {k.removeprefix("seg."): v for k, v in flat.items()}
+        data = data if data is not None else from_file.get("data")
+        output_dir = output_dir if output_dir is not None else from_file.get("output_dir")
+        kwargs = {k: v for k, v in from_file.items() if k not in ("data", "output_dir")} | kwargs
+    output_dir = output_dir if output_dir is not None else OUTPUT_DIR
     kwargs = _check_flags(kwargs)
     if print_config:
-        print(json.dumps(resolved_settings(build_cfg(data or "<--data>", output_dir, **kwargs)), indent=2))
+        import inspect
+
+        params = inspect.signature(build_cfg).parameters
+        flags = {k: p.default for k, p in params.items() if k not in ("data", "output_dir")} | kwargs
+        settings = {"seg": {"data": data, "output_dir": output_dir} | flags}
+        print(json.dumps(settings | resolved_settings(build_cfg(data or "<--data>", output_dir, **kwargs)), indent=2))
         return None
     if data is None:
         raise ValueError("--data is required (the ADEChallengeData2016 root)")
