@@ -25,6 +25,7 @@ __all__ = [
     "close",
     "comm_device",
     "gather_rows",
+    "gather_sharded",
     "init",
     "init_plain",
     "lost_peer",
@@ -32,6 +33,7 @@ __all__ = [
     "on_rank0",
     "planned_world",
     "rank",
+    "shard",
     "sum_tensor",
     "world",
 ]
@@ -210,6 +212,27 @@ def gather_rows(row: torch.Tensor) -> torch.Tensor:
     rows = [torch.empty_like(row, device=comm) for _ in range(world())]
     torch.distributed.all_gather(rows, row.to(comm))
     return torch.stack(rows).cpu()
+
+
+def shard(total: int) -> range:
+    """This rank's items of ``total`` when each is handled exactly once: rank r takes r, r + world, ... (any
+    total, divisible by the world or not)."""
+    return range(rank(), total, world())
+
+
+def gather_sharded(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's rows of ``shard(total)`` (``local``: [len(shard), ...]) gathered, in item order: [total, ...]
+    on every rank, on ``local``'s device (a collective). Shards one row short are padded for the gather."""
+    if world() == 1:
+        return local
+    per = -(-total // world())
+    comm = comm_device()
+    padded = torch.zeros((per, *local.shape[1:]), dtype=local.dtype, device=comm)
+    padded[: len(local)] = local.to(comm)
+    parts = [torch.empty_like(padded) for _ in range(world())]
+    torch.distributed.all_gather(parts, padded)
+    # item i = j * world + r is row j of rank r: [world, per] -> [per, world] -> item order
+    return torch.stack(parts, 1).flatten(0, 1)[:total].to(local.device)
 
 
 def sum_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -12,26 +12,36 @@ import json
 import torch
 import torch.nn.functional as F
 
-from eval.features import Probe, evaluated_split, frozen_features, make_probe, probe_device
+from dtm_ds import distributed
+from eval.features import Probe, evaluated_split, frozen_features, make_probe, start
+
+
+def knn_correct(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                classes: int | None = None) -> torch.Tensor:  # fmt: skip
+    """How many of ``test_x`` a similarity-weighted vote among the k nearest training features (DINO) gets
+    right: a long tensor on the training features' device, computed there ``chunk`` test rows at a time (no
+    host synchronisation). ``classes``: the number of classes (default: from the labels)."""
+    device = train_x.device
+    train_y = train_y.to(device)
+    if classes is None:
+        classes = int(max(train_y.max(), test_y.max())) + 1
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start_row in range(0, len(test_x), chunk):
+        sims, idx = (test_x[start_row : start_row + chunk].to(device) @ train_x.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, train_y[idx], weights)
+        correct += (votes.argmax(1) == test_y[start_row : start_row + chunk].to(device)).sum()
+    return correct
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):
-    """Top-1 of a similarity-weighted vote among the k nearest training features (DINO), computed on the
-    training features' device, ``chunk`` test rows at a time."""
-    device = train_x.device
-    train_y = train_y.to(device)
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for start in range(0, len(test_x), chunk):
-        sims, idx = (test_x[start : start + chunk].to(device) @ train_x.T).topk(k, dim=1)
-        weights = (sims / temperature).exp()
-        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, train_y[idx], weights)
-        correct += (votes.argmax(1) == test_y[start : start + chunk].to(device)).sum()
-    return correct.item() / len(test_x)
+    """Top-1 of ``knn_correct`` (one host synchronisation)."""
+    return knn_correct(train_x, train_y, test_x, test_y, k, temperature, chunk).item() / len(test_x)
 
 
-def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dict:
-    """k-NN top-1 of ``encoder``; more options: the probe fields.
+def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dict | None:
+    """k-NN top-1 of ``encoder``; more options: the probe fields. On many ranks (torchrun), each rank extracts
+    its share of both sets and votes for its share of the evaluation images against all training features.
 
     Args:
         encoder: a pretraining run folder (its latest checkpoint) or an export.
@@ -39,20 +49,28 @@ def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dic
         temperature: votes weigh exp(cosine / temperature).
     """
     probe = make_probe(encoder, options)
-    train_x, train_y, test_x, test_y, _ = frozen_features(probe)
-    device = probe_device()  # the vote runs where the encoder ran
+    device = start()
+    train_x, train_y, test_x, test_y, classes, unreadable = frozen_features(probe, gather_val=False)
     train_x, test_x = F.normalize(train_x.to(device), dim=-1), F.normalize(test_x.to(device), dim=-1)
+    correct = knn_correct(train_x, train_y, test_x, test_y, k, temperature, classes=classes)
+    counts = torch.stack([correct.double(), torch.full((), float(len(test_y)), dtype=torch.float64, device=device)])
+    correct, evaluated = distributed.sum_tensor(counts).tolist()  # over the ranks' shares
     result = {
         "encoder": encoder,
         "random_init": probe.random_init,
         "pixels": probe.pixels,
         "k": k,
         "train": len(train_y),
-        "val": len(test_y),
+        "val": int(evaluated),
         "eval_split": evaluated_split(probe),
-        "top1": round(100 * knn_accuracy(train_x, train_y, test_x, test_y, k, temperature), 2),
+        "unreadable": unreadable,
+        "ranks": distributed.world(),
+        "top1": round(100 * correct / evaluated, 2),
     }
-    print(json.dumps(result), flush=True)
+    rank = distributed.rank()
+    distributed.close()
+    if rank == 0:
+        print(json.dumps(result), flush=True)
     return result
 
 

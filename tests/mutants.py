@@ -175,6 +175,12 @@ MUTANTS = [
            'kwargs = kwargs | {k: v for k, v in from_file.items() if k not in ("data", "output_dir")}',
            "tests/test_cli.py -k segmentation_takes"),
     # evaluation
+    Mutant("probes: shares gathered rank-major", "dtm_ds/distributed.py", "return torch.stack(parts, 1).flatten(0, 1)",
+           "return torch.stack(parts, 0).flatten(0, 1)", "tests/test_eval.py -k two_ranks_equal"),
+    Mutant("probes: every rank extracts rank 0's share", "dtm_ds/distributed.py", "return range(rank(), total, world())",
+           "return range(0, total, world())", "tests/test_eval.py -k two_ranks_equal"),
+    Mutant("probes: an unreadable image kept", "eval/features.py", "test_x[test_y >= 0], test_y[test_y >= 0]",
+           "test_x, test_y", "tests/test_eval.py -k two_ranks_equal"),
     Mutant("k-NN: temperature ignored", "eval/knn.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
            "tests/test_eval.py -k knn_vote"),
     Mutant("evaluation: counts averaged over ranks", "eval/finetune.py", "distributed.sum_tensor(counts)",

@@ -3,6 +3,7 @@
 import json
 import math
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -292,3 +293,49 @@ def test_the_groups_picture_is_titled_and_has_a_legend(pretrained, tmp_path):
         title = picture[:16, column * width : (column + 1) * width]
         assert (title < 100).sum() > 20 and (title > 250).mean() > 0.5  # dark text on white
     assert (picture[-16:] < 100).sum() > 100  # the legend line
+
+
+def test_probes_on_two_ranks_equal_one_rank_and_skip_unreadable_images(pretrained, tmp_path):
+    """k-NN and the linear probe under torchrun with 2 ranks and sets the world does not divide (21 training,
+    12 evaluation images, one of them unreadable): every image is extracted exactly once, the gathered features
+    equal one rank's (in the same order, labels as listed), and so do the results; the unreadable file is
+    skipped, counted and named, never a traceback; a train and val set that share files is a warning."""
+    from data_prep.sources import image_folder
+    from tests.conftest import write_class_folder
+    from tests.helpers import torchrun_cmd
+
+    write_class_folder(tmp_path / "train", {"a": 7, "b": 6, "c": 8}, size=(40, 40))
+    write_class_folder(tmp_path / "val", {"a": 4, "b": 3, "c": 4}, size=(36, 44))
+    (tmp_path / "val" / "b" / "zz_cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not the rest of a jpeg")
+    common = ["--encoder", str(pretrained), "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+              "--crop_ratio=1.0", "--workers=0"]  # fmt: skip
+    results = {}
+    for ranks, launch in ((1, [sys.executable]), (2, torchrun_cmd(29672))):
+        for probe in ("knn", "linear"):
+            cmd = [*launch, f"eval/{probe}.py", *common, f"--save_features={tmp_path}/{probe}{ranks}.pt"]
+            cmd += ["--k", "5"] if probe == "knn" else ["--epochs", "30"]
+            done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert (
+                "zz_cut.jpg is unreadable (OSError: Truncated File Read); skipped" in done.stderr
+                and "Traceback" not in done.stderr
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            assert len(lines) == 1, done.stdout  # rank 0 alone prints the result
+            results[probe, ranks] = json.loads(lines[0])
+    for probe in ("knn", "linear"):
+        one, two = results[probe, 1], results[probe, 2]
+        assert (one["train"], one["val"], one["unreadable"]) == (21, 11, {"train": 0, "val": 1})
+        assert {k: v for k, v in two.items() if k != "ranks"} == {k: v for k, v in one.items() if k != "ranks"}
+        a, b = (torch.load(tmp_path / f"{probe}{n}.pt", weights_only=True) for n in (1, 2))
+        listed = image_folder(tmp_path / "train")
+        assert a["train_y"].tolist() == b["train_y"].tolist() == listed.labels
+        assert a["val_y"].tolist() == b["val_y"].tolist() == [0] * 4 + [1] * 3 + [2] * 4
+        for key in ("train_x", "val_x"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+        assert a["train_x"].shape == (21, 96) and len(set(map(tuple, a["train_x"].tolist()))) == 21
+    assert results["knn", 2]["ranks"] == 2
+    same = [sys.executable, "eval/knn.py", *common, "--k", "5"]
+    same[same.index(str(tmp_path / "val"))] = str(tmp_path / "train")
+    done = subprocess.run(same, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: 21 of the 21 evaluation images are also training images" in done.stderr
