@@ -1,13 +1,15 @@
-"""``python -m dtm_ds export RUN_DIR OUT_DIR`` and ``python -m dtm_ds visualize RUN_DIR --out PNG``, through
+"""``python -m dtm_ds export RUN_DIR OUT_DIR``, ``python -m dtm_ds visualize RUN_DIR --out PNG`` and
+``python -m dtm_ds pilot --model M --data D``, through
 dtm_ds.cli: ``--help`` per command, an unknown or mistyped flag refused before any work (exit 2)."""
 
 import sys
 
 from dtm_ds import cli
+from dtm_ds.pilot import pilot
 from dtm_ds.pretrained import export
 from dtm_ds.visualize import visualize
 
-COMMANDS = {"export": export, "visualize": visualize}
+COMMANDS = {"export": export, "pilot": pilot, "visualize": visualize}
 
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else ""

@@ -175,6 +175,10 @@ MUTANTS = [
            'kwargs = kwargs | {k: v for k, v in from_file.items() if k not in ("data", "output_dir")}',
            "tests/test_cli.py -k segmentation_takes"),
     # evaluation
+    Mutant("pilot: tokens left unmorphed", "dtm_ds/pilot.py", "return _group_mean(tokens, morphed.groups[0]),",
+           "return tokens,", "tests/test_pilot.py"),
+    Mutant("pilot: lower neighbours are the token itself", "dtm_ds/pilot.py", "down = (x[:, :-1] * x[:, 1:]).sum(-1)",
+           "down = (x[:, :-1] * x[:, :-1]).sum(-1)", "tests/test_pilot.py -k neighbour"),
     Mutant("probes: shares gathered rank-major", "dtm_ds/distributed.py", "return torch.stack(parts, 1).flatten(0, 1)",
            "return torch.stack(parts, 0).flatten(0, 1)", "tests/test_eval.py -k two_ranks_equal"),
     Mutant("probes: every rank extracts rank 0's share", "dtm_ds/distributed.py", "return range(rank(), total, world())",
