@@ -226,12 +226,27 @@ class RunConfig:
     """torch.compile backend for the student and the DTM step (e.g. 'inductor'); None: eager."""
     dist_timeout_s: float = 600.0
     """Seconds a collective waits for a hung rank before the run fails (a dead rank fails it at once)."""
+    knn_every: int = 0
+    """Steps between online k-NN evaluations of the student (0: never; a multiple of log_every)."""
+    knn_train: str | None = None
+    """The online k-NN's training images: a data_prep source (an image folder, a list file, fashion_mnist)."""
+    knn_val: str | None = None
+    """The online k-NN's evaluation images (fashion_mnist: its test split)."""
+    knn_per_class: int | None = 50
+    """The first this many images of every class of both k-NN sets (None: all)."""
+    knn_crop_ratio: float = 0.875
+    """The k-NN images are resized to img_size / knn_crop_ratio, then centre-cropped (the probes' transform)."""
 
     def __post_init__(self):
-        at_least = {"save_every": 1, "keep_last": 1, "log_every": 1, "vis_every": 0, "max_nonfinite": 1}
+        at_least = {"save_every": 1, "keep_last": 1, "log_every": 1, "vis_every": 0, "max_nonfinite": 1,
+                    "knn_every": 0}  # fmt: skip
         bad = [f"run.{k}={getattr(self, k)} (at least {low})" for k, low in at_least.items() if getattr(self, k) < low]
         if self.max_steps is not None and self.max_steps < 1:
             bad.append(f"run.max_steps={self.max_steps} (at least 1, or unset for the whole schedule)")
+        if self.knn_per_class is not None and self.knn_per_class < 1:
+            bad.append(f"run.knn_per_class={self.knn_per_class} (at least 1, or unset for every image)")
+        if not 0 < self.knn_crop_ratio <= 1:
+            bad.append(f"run.knn_crop_ratio={self.knn_crop_ratio} (in (0, 1])")
         if not self.dist_timeout_s > 0:
             bad.append(f"run.dist_timeout_s={self.dist_timeout_s} (more than 0 seconds)")
         if bad:

@@ -54,6 +54,11 @@ def main(out: str = "outputs/demo", per_class: int = 1500, epochs: int = 2, knn_
         "--data.workers=2",
         f"--optim.epochs={epochs}",
         "--optim.warmup_epochs=0.2",
+        "--run.knn_every=100",  # the online k-NN: representation quality while the run goes
+        "--run.knn_train=fashion_mnist",
+        "--run.knn_val=fashion_mnist",
+        "--run.knn_per_class=100",
+        "--run.knn_crop_ratio=1.0",
     )
     png = str(out / "dtm_groups.png")
     _run(sys.executable, "-m", "dtm_ds", "visualize", str(run), "--out", png)
@@ -84,6 +89,7 @@ def main(out: str = "outputs/demo", per_class: int = 1500, epochs: int = 2, knn_
         "knn_top1_pretrained": results["pretrained"],
         "knn_top1_random_init": results["random_init"],
         "knn_top1_raw_pixels": results["pixels"],
+        "online_knn_top1_by_step": {m["step"]: m["knn_top1"] for m in metrics if "knn_top1" in m},
         "img_per_s_median": sorted(m["img_per_s"] for m in metrics)[len(metrics) // 2],
         "tensorboard": str(run / "tb"),
         "checkpoint": str(run / "checkpoints"),

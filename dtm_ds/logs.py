@@ -68,11 +68,12 @@ class RunLog:
         self.bar = tqdm(total=total_steps, initial=start_step, desc=task, dynamic_ncols=True) if terminal else None
 
     def step(self, step: int, values: dict, global_batch: int, flops_per_image: float | None = None,
-             tokens_per_image: int = 0, world: int = 1) -> None:  # fmt: skip
+             tokens_per_image: int = 0, world: int = 1, excluded_s: float = 0.0) -> None:  # fmt: skip
         """Write ``values`` for optimizer step ``step`` plus throughput (total and per rank), MFU where the
-        device's peak is known, and this process's memory and open files."""
+        device's peak is known, and this process's memory and open files. ``excluded_s``: seconds since the
+        previous line that were not training (an online k-NN), left out of the throughput."""
         now = time.perf_counter()
-        img_s = global_batch * (step - self.last_step) / max(now - self.last_time, 1e-9)
+        img_s = global_batch * (step - self.last_step) / max(now - self.last_time - excluded_s, 1e-9)
         self.last_time, self.last_step = now, step
         if not self.active:
             return
@@ -113,7 +114,7 @@ class RunLog:
         lr = values.get("lr")
         return (f"{self.task} step {step}/{self.total} ({100 * step / max(self.total, 1):.1f} %) loss "
                 f"{values['loss']:.4g}" + (f" lr {lr:.3g}" if lr is not None else "") + f" img/s {img_s:.0f} "
-                f"ETA {eta}")  # fmt: skip
+                f"ETA {eta}" + (f" knn top-1 {values['knn_top1']:.2f} %" if "knn_top1" in values else ""))  # fmt: skip
 
     def image(self, step: int, image: torch.Tensor) -> None:
         if self.active:

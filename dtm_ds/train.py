@@ -46,6 +46,7 @@ from dtm_ds.files import check_writable
 from dtm_ds.graphed import GraphedMorph
 from dtm_ds.logs import Clock, RunLog, step_flops, step_values
 from dtm_ds.morph import morphed_loss, sample_schedule, tokenwise_loss
+from dtm_ds.online_knn import OnlineKNN, check_online_knn
 from dtm_ds.options import read_config_file
 from dtm_ds.run_record import check_records, resolved_settings, write_records
 from dtm_ds.seeds import seed_of
@@ -124,6 +125,7 @@ class Parts:
     morph: GraphedMorph
     dtype: torch.dtype  # the engine's input dtype
     flops_per_image: float | None  # of one training step (for MFU), where the device's peak is known
+    knn: OnlineKNN | None  # run.knn_every: the online k-NN's sets
 
 
 def build(config: Config, ds_config: dict, device: torch.device, loader: PretrainLoader, schedule: Schedule) -> Parts:
@@ -144,8 +146,9 @@ def build(config: Config, ds_config: dict, device: torch.device, loader: Pretrai
     if run.compile:
         engine.compile(backend=run.compile)
     windows = Windows(engine, optimizer, ds_config["gradient_accumulation_steps"])
-    return Parts(config, device, loader, schedule, teacher, engine, optimizer, windows,
-                 morph, engine_dtype(ds_config), step_flops(teacher, config.model, teacher.dim, device))  # fmt: skip
+    knn = OnlineKNN(run, device) if run.knn_every else None
+    return Parts(config, device, loader, schedule, teacher, engine, optimizer, windows, morph,
+                 engine_dtype(ds_config), step_flops(teacher, config.model, teacher.dim, device), knn)  # fmt: skip
 
 
 def dtm_schedule(config: Config, device: torch.device, window: int, chunk: int) -> torch.Tensor:
@@ -218,8 +221,11 @@ def fit(p: Parts, s: TrainState, saver: Checkpointer) -> dict[str, float]:
             lrs = [g["lr"] for g in p.optimizer.param_groups]  # the lrs that acted
             last = step_values(p.engine, p.optimizer, window.value, lrs, window.local_norm)
             last |= clock.times | {"epoch": s.epoch, "skipped_windows": s.skipped_windows}
+            if p.knn is not None and s.step % run.knn_every == 0:  # a logging step (checked): every rank
+                last |= p.knn(p.engine.module)
             tokens = p.config.model.grid**2
-            log.step(s.step, last, p.engine.train_batch_size(), p.flops_per_image, tokens, world)
+            log.step(s.step, last, p.engine.train_batch_size(), p.flops_per_image, tokens, world,
+                     excluded_s=last.get("knn_seconds", 0.0) if "knn_top1" in last else 0.0)  # fmt: skip
         if run.vis_every and s.step % run.vis_every == 0 and rank == 0:
             log.image(s.step, morph_figure(images[:4], p.teacher, p.config, dtm_schedule(p.config, p.device, 0, 0)))
         if s.step % run.save_every == 0 and s.step < sched.max_steps and not stop:
@@ -339,6 +345,9 @@ def check_inputs(config: Config, ds_path: str, world: int) -> tuple[dict, dict]:
     check_writable(config.run.output_dir, "run.output_dir")
     data = check_source(loader_spec(config, engine_cfg, 0, world))
     check_teacher_files(config.teacher)
+    check_online_knn(config.run, engine_cfg.get("zero_optimization", {}).get("stage", 0))
+    if config.run.knn_every:
+        OnlineKNN(config.run, torch.device("cpu"))  # its sets open (a listing each)
     check_records(config, engine_cfg, world, data)
     return engine_cfg, data
 

@@ -166,7 +166,7 @@ class Readable(Dataset):
 
 @torch.no_grad()
 def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False,
-            device: torch.device | None = None):  # fmt: skip
+            device: torch.device | None = None, progress: bool = True):  # fmt: skip
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
     applied; ``pixels``: the input image flattened) and labels [n], on timm's evaluation transform (bicubic
     resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr. The encoder
@@ -184,7 +184,7 @@ def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, wo
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         worker_init_fn=quiet_worker)  # fmt: skip
     feats, labels = [], []
-    for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True):
+    for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True, disable=not progress):
         labels.append(y)
         if pixels:
             feats.append(x.flatten(1))

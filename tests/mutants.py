@@ -175,6 +175,12 @@ MUTANTS = [
            'kwargs = kwargs | {k: v for k, v in from_file.items() if k not in ("data", "output_dir")}',
            "tests/test_cli.py -k segmentation_takes"),
     # evaluation
+    Mutant("online k-NN: its time counted in img/s", "dtm_ds/logs.py", "max(now - self.last_time - excluded_s, 1e-9)",
+           "max(now - self.last_time, 1e-9)", "tests/test_metrics.py -k online_knn"),
+    Mutant("online k-NN: the student left in eval mode", "dtm_ds/online_knn.py", "student.train(was_training)",
+           "student.eval()", "tests/test_train.py -k online_knn"),
+    Mutant("online k-NN: another step's figure", "dtm_ds/train.py", "if p.knn is not None and s.step % run.knn_every == 0:",
+           "if p.knn is not None and s.step % run.knn_every == 1:", "tests/test_train.py -k online_knn"),
     Mutant("pilot: tokens left unmorphed", "dtm_ds/pilot.py", "return _group_mean(tokens, morphed.groups[0]),",
            "return tokens,", "tests/test_pilot.py"),
     Mutant("pilot: lower neighbours are the token itself", "dtm_ds/pilot.py", "down = (x[:, :-1] * x[:, 1:]).sum(-1)",

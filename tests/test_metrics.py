@@ -148,3 +148,17 @@ def test_peak_bf16_by_device_name():
              "NVIDIA L40": 181e12, "NVIDIA L4": 121e12, "NVIDIA A10": 125e12, "NVIDIA GeForce RTX 4090": None,
              "Tesla V100-SXM2-16GB": None}  # fmt: skip
     assert {name: peak_bf16(name) for name in names} == names
+
+
+def test_img_per_s_leaves_out_the_time_of_an_online_knn(tmp_path):
+    """Two lines 3 s apart, 1 s of which an online k-NN took: 40 images per step x 6 steps / 2 s = 120 img/s."""
+    import time
+
+    from dtm_ds.logs import RunLog
+
+    log = RunLog(str(tmp_path), True, 10, 0, "pretrain", plain=True)
+    log.last_time = time.perf_counter() - 3.0
+    log.step(6, {"loss": 1.0, "knn_top1": 50.0}, 40, excluded_s=1.0)
+    log.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["img_per_s"] == pytest.approx(120, rel=0.01) and row["knn_top1"] == 50.0

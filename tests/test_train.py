@@ -460,3 +460,58 @@ def test_deepspeed_monitors_get_every_logged_scalar(image_folder, tmp_path):
             table = list(csv.reader(f))
         assert table[0] == ["step", key]
         assert [(int(s), float(v)) for s, v in table[1:]] == [(r["step"], r[key]) for r in rows]
+
+
+def _knn_sets(tmp_path: Path) -> list[str]:
+    from tests.conftest import write_class_folder
+
+    write_class_folder(tmp_path / "knn_train", {"a": 9, "b": 8, "c": 7}, size=(40, 40))
+    write_class_folder(tmp_path / "knn_val", {"a": 5, "b": 4, "c": 4}, size=(36, 36))
+    return ["--run.log_every=2", "--run.knn_every=2", f"--run.knn_train={tmp_path / 'knn_train'}",
+            f"--run.knn_val={tmp_path / 'knn_val'}"]  # fmt: skip
+
+
+def _knn_rows(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["knn_top1"] for r in rows if "knn_top1" in r}
+
+
+def test_online_knn_is_logged_at_its_steps_resumes_to_the_same_numbers_and_equals_eval_knn(image_folder, tmp_path):
+    """``--run.knn_every=2``: the logging rows of steps 2, 4 and 6 carry ``knn_top1`` (and its cost,
+    ``knn_seconds``, left out of img/s), as does TensorBoard; the losses are those of a run without it; a run
+    stopped at step 2 and resumed logs the same numbers at the same steps as an uninterrupted one; the figure at
+    the last step is eval/knn.py's on the run's final checkpoint (k = 20, T = 0.07, the same sets). Settings it
+    cannot run with are refused first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    knn = [*_knn_sets(tmp_path), "--model.drop_path=0.2"]  # drop path: the student must be back in training mode
+    ds = ds_json(tmp_path / "ds.json", 8)
+    straight, resumed, without = tmp_path / "straight", tmp_path / "resumed", tmp_path / "without"
+    for out, extra in ((straight, knn), (without, [*knn[:1], "--model.drop_path=0.2"])):
+        subprocess.run(train_cmd(image_folder, out, ds, 6, *extra), check=True, cwd=ROOT, env=run_env(),
+                       capture_output=True)  # fmt: skip
+    assert step_losses(straight) == step_losses(without)  # the k-NN leaves training as it was
+    want = _knn_rows(straight)
+    assert sorted(want) == [2, 4, 6] and all(0 <= v <= 100 for v in want.values())
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["knn_seconds"] > 0 for r in rows) and [r["step"] for r in rows] == [2, 4, 6]
+    tb = EventAccumulator(str(straight / "tb"))
+    tb.Reload()
+    logged = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in tb.Tensors("train/knn_top1")}
+    assert logged == pytest.approx(want)
+    for steps in (2, 6):
+        done = subprocess.run(train_cmd(image_folder, resumed, ds, steps, *knn), check=True, cwd=ROOT, env=run_env(),
+                              capture_output=True, text=True)  # fmt: skip
+    assert "resumed from step" in done.stdout and "knn top-1" in done.stdout
+    assert _knn_rows(resumed) == want
+    cmd = [sys.executable, "eval/knn.py", "--encoder", str(straight), "--train", str(tmp_path / "knn_train"),
+           "--val", str(tmp_path / "knn_val"), "--workers=0"]  # fmt: skip
+    probe = subprocess.run(cmd, check=True, cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert json.loads(probe.stdout.strip().splitlines()[-1])["top1"] == want[6]
+    refused = {"--run.knn_every=3": "run.knn_every=3 must be a multiple of run.log_every=2",
+               "--run.knn_val=none": "run.knn_every=2 needs --run.knn_train and --run.knn_val"}  # fmt: skip
+    for bad, message in refused.items():
+        done = subprocess.run(train_cmd(image_folder, tmp_path / "bad", ds, 2, *knn, bad), cwd=ROOT, env=run_env(),
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]

@@ -540,3 +540,16 @@ def test_a_resume_on_other_data_is_refused_and_a_moved_copy_resumes(image_folder
     assert f"data.path {partial} holds 39" in refused.stderr
     resumed = _run(train_cmd(moved, out, ds, 4))
     assert "resumed from step00000002" in resumed.stdout and max(step_losses(out)) == 4
+
+
+@SLOW
+def test_online_knn_on_two_ranks_equals_one_rank(image_folder, tmp_path):
+    """Each of 2 ranks extracts its share of the online k-NN sets (24 and 13 images: the world does not divide
+    them) and votes for its share: the logged figures equal a 1-rank run of the same global batch."""
+    from tests.test_train import _knn_rows, _knn_sets
+
+    knn = _knn_sets(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(train_cmd(image_folder, one, ds_json(tmp_path / "ds1.json", 4, accum=2), 6, *knn))
+    _run(torchrun_cmd(29673) + train_cmd(image_folder, two, ds_json(tmp_path / "ds2.json", 4), 6, *knn)[1:])
+    assert sorted(_knn_rows(one)) == [2, 4, 6] and _knn_rows(two) == _knn_rows(one)

@@ -1,0 +1,80 @@
+"""Online k-NN during pretraining: representation quality while the run goes, not only the loss.
+
+Every ``run.knn_every`` steps (a multiple of ``run.log_every``; off by default) the student's encoder gives the
+probes' features (the mean of its final-normalised patch tokens, eval/features.py) for a held-out training and
+evaluation set (``run.knn_train``, ``run.knn_val``: data_prep sources, the first ``run.knn_per_class`` images of
+every class). Each rank extracts its share (``distributed.shard``); the training features are gathered; each
+rank votes for its share of the evaluation images (DINO's weighted k-NN: k = 20, T = 0.07, eval/knn.py) and the
+counts are summed. The logging row of that step gets ``knn_top1`` and ``knn_seconds``; that time is excluded
+from its img/s. The features depend only on the weights, so a resumed run logs the same numbers at the same
+steps.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dtm_ds import distributed
+from dtm_ds.config import RunConfig
+
+__all__ = ["OnlineKNN", "check_online_knn"]
+
+K, TEMPERATURE = 20, 0.07
+
+
+def check_online_knn(run: RunConfig, zero_stage: int) -> None:
+    """Clear errors before any compute for settings the online k-NN cannot run with."""
+    if not run.knn_every:
+        return
+    if not (run.knn_train and run.knn_val):
+        raise ValueError(f"run.knn_every={run.knn_every} needs --run.knn_train and --run.knn_val (data_prep sources, "
+                         "e.g. an image folder, or fashion_mnist)")  # fmt: skip
+    if run.knn_every % run.log_every:
+        raise ValueError(f"run.knn_every={run.knn_every} must be a multiple of run.log_every={run.log_every} "
+                         "(its figures go into that step's logging row)")  # fmt: skip
+    if zero_stage == 3:
+        raise ValueError("run.knn_every needs ZeRO stage 0-2: under ZeRO-3 every rank would have to run the same "
+                         "number of forward passes over unequal shares")  # fmt: skip
+
+
+class OnlineKNN:
+    """The two sets, opened once (their errors come before training); ``__call__(student)`` at a k-NN step."""
+
+    def __init__(self, run: RunConfig, device: torch.device):
+        from data_prep.datasets import open_listing
+        from data_prep.sources import select
+
+        self.device, self.crop_ratio = device, run.knn_crop_ratio
+        val_split = "test" if run.knn_val == "fashion_mnist" else "val"
+        self.train = select(open_listing(run.knn_train, "train"), per_class=run.knn_per_class)
+        self.val = select(open_listing(run.knn_val, val_split), per_class=run.knn_per_class)
+        self.classes = len(self.train.classes)
+
+    def __call__(self, student: torch.nn.Module) -> dict[str, float]:
+        """``{"knn_top1": %, "knn_seconds": s}`` (every rank: a collective)."""
+        from eval.features import extract
+        from eval.knn import knn_correct
+
+        started, was_training = time.perf_counter(), student.training
+        try:
+            (train_x, train_y), (val_x, val_y) = (self._share(student, listing, extract)
+                                                  for listing in (self.train, self.val))  # fmt: skip
+        finally:
+            student.train(was_training)
+        train_x = distributed.gather_sharded(train_x, len(self.train))
+        train_y = distributed.gather_sharded(train_y, len(self.train))
+        keep, val_keep = train_y >= 0, val_y >= 0  # unreadable images are left out (counted by the probes)
+        train_x = F.normalize(train_x[keep].to(self.device), dim=-1)
+        val_x = F.normalize(val_x[val_keep].to(self.device), dim=-1)
+        correct = knn_correct(train_x, train_y[keep], val_x, val_y[val_keep], min(K, len(train_x)), TEMPERATURE,
+                              classes=self.classes)  # fmt: skip
+        counts = torch.stack([correct.double(), torch.full((), float(len(val_x)), dtype=torch.float64,
+                                                           device=correct.device)])  # fmt: skip
+        correct, evaluated = distributed.sum_tensor(counts).tolist()
+        return {"knn_top1": round(100 * correct / max(evaluated, 1), 2), "knn_seconds": time.perf_counter() - started}
+
+    def _share(self, student, listing, extract):
+        mine = listing.subset(list(distributed.shard(len(listing))))
+        return extract(student, mine, crop_ratio=self.crop_ratio, batch=128, workers=0, name="online k-NN",
+                       device=self.device, progress=False)  # fmt: skip
