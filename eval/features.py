@@ -65,6 +65,28 @@ def make_probe(encoder: str, options: dict) -> Probe:
     return Probe(encoder, **parse_options(options, {f.name: f.type for f in fields(Probe) if f.name != "encoder"}))
 
 
+def probe_settings(section: str, encoder: str | None, given: dict, defaults: dict, options: dict,
+                   config: str | None) -> tuple[Probe, dict]:  # fmt: skip
+    """A probe command's :class:`Probe` and its own settings (``given``: each as the command line gave it, None
+    when it did not; ``defaults``: their defaults), read from ``config`` (a YAML or JSON file with the sections
+    ``probe`` and ``section``, as ``--print_config`` prints them) under the command line."""
+    from dtm_ds.options import parse_options, read_config_file
+
+    from_file: dict = {}
+    if config:
+        flat, _ = read_config_file(config, ("probe", section))
+        from_file = {k: v for k, v in flat.items() if k.startswith(f"{section}.")}
+        parse_options({k.removeprefix(f"{section}."): v for k, v in from_file.items()},
+                      {k: type(v) for k, v in defaults.items()}, f"{section} settings in {config}")  # fmt: skip
+        options = {k.removeprefix("probe."): v for k, v in flat.items() if k.startswith("probe.")} | options
+    encoder = encoder if encoder is not None else options.get("encoder")
+    if encoder is None:
+        raise ValueError("--encoder is required (a pretraining run folder or an export), or a --config file with it")
+    probe = make_probe(encoder, {k: v for k, v in options.items() if k != "encoder"})
+    own = {k: given[k] if given[k] is not None else from_file.get(f"{section}.{k}", defaults[k]) for k in defaults}
+    return probe, parse_options(own, {k: type(v) for k, v in defaults.items()}, f"{section} settings")
+
+
 def load_encoder(encoder: str, random_init: bool = False, seed: int = 0):
     """The frozen student of a run directory or an export; at random init (same architecture) if asked."""
     model = load_student(encoder)

@@ -7,13 +7,14 @@ folder, ImageNet root, list file, ``fashion_mnist``) or ``--dataset NAME`` with 
 --train and --val; --eval_split picks val or test), resized and centre-cropped to the encoder's size.
 """
 
+import dataclasses
 import json
 
 import torch
 import torch.nn.functional as F
 
 from dtm_ds import distributed
-from eval.features import Probe, evaluated_split, frozen_features, make_probe, start
+from eval.features import Probe, evaluated_split, frozen_features, probe_settings, start
 
 
 def knn_correct(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
@@ -39,16 +40,28 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
     return knn_correct(train_x, train_y, test_x, test_y, k, temperature, chunk).item() / len(test_x)
 
 
-def main(encoder: str, k: int = 20, temperature: float = 0.07, **options) -> dict | None:
+DEFAULTS = {"k": 20, "temperature": 0.07}
+
+
+def main(encoder: str | None = None, k: int | None = None, temperature: float | None = None,
+         config: str | None = None, print_config: bool = False, **options) -> dict | None:  # fmt: skip
     """k-NN top-1 of ``encoder``; more options: the probe fields. On many ranks (torchrun), each rank extracts
     its share of both sets and votes for its share of the evaluation images against all training features.
 
     Args:
         encoder: a pretraining run folder (its latest checkpoint) or an export.
-        k: neighbours that vote.
-        temperature: votes weigh exp(cosine / temperature).
+        k: neighbours that vote (default 20).
+        temperature: votes weigh exp(cosine / temperature) (default 0.07).
+        config: a YAML or JSON file with the sections ``probe`` and ``knn`` (as --print_config prints them);
+            options on the command line win over it.
+        print_config: print the settings as JSON and exit (a valid --config file); reads no data or weights.
     """
-    probe = make_probe(encoder, options)
+    given = {"k": k, "temperature": temperature}
+    probe, own = probe_settings("knn", encoder, given, DEFAULTS, options, config)
+    if print_config:
+        print(json.dumps({"probe": dataclasses.asdict(probe), "knn": own}, indent=2))
+        return None
+    encoder, k, temperature = probe.encoder, own["k"], own["temperature"]
     device = start()
     train_x, train_y, test_x, test_y, classes, unreadable = frozen_features(probe, gather_val=False)
     train_x, test_x = F.normalize(train_x.to(device), dim=-1), F.normalize(test_x.to(device), dim=-1)

@@ -10,6 +10,7 @@ Features: the mean-pooled patch tokens of the last ``blocks`` blocks, final norm
 evaluation split.
 """
 
+import dataclasses
 import json
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from dtm_ds import distributed
 from eval.classifier import accuracy
-from eval.features import Probe, evaluated_split, frozen_features, make_probe, start
+from eval.features import Probe, evaluated_split, frozen_features, probe_settings, start
 
 
 def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1e-3, batch: int = 256, seed: int = 0):
@@ -38,15 +39,26 @@ def train_probe(train_x, train_y, classes: int, epochs: int = 100, lr: float = 1
     return probe.eval()
 
 
-def main(encoder: str, epochs: int = 100, lr: float = 1e-3, **options) -> dict | None:
+DEFAULTS = {"epochs": 100, "lr": 1e-3}
+
+
+def main(encoder: str | None = None, epochs: int | None = None, lr: float | None = None, config: str | None = None,
+         print_config: bool = False, **options) -> dict | None:  # fmt: skip
     """Linear-probe top-1/top-5 of ``encoder``; more options: the probe fields.
 
     Args:
         encoder: a pretraining run folder (its latest checkpoint) or an export.
-        epochs: passes over the cached training features.
-        lr: peak AdamW lr (cosine to 0).
+        epochs: passes over the cached training features (default 100).
+        lr: peak AdamW lr, cosine to 0 (default 1e-3).
+        config: a YAML or JSON file with the sections ``probe`` and ``linear`` (as --print_config prints them);
+            options on the command line win over it.
+        print_config: print the settings as JSON and exit (a valid --config file); reads no data or weights.
     """
-    probe = make_probe(encoder, options)
+    probe, own = probe_settings("linear", encoder, {"epochs": epochs, "lr": lr}, DEFAULTS, options, config)
+    if print_config:
+        print(json.dumps({"probe": dataclasses.asdict(probe), "linear": own}, indent=2))
+        return None
+    encoder, epochs, lr = probe.encoder, own["epochs"], own["lr"]
     device = start()
     train_x, train_y, test_x, test_y, classes, unreadable = frozen_features(probe)
     rank = distributed.rank()

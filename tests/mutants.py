@@ -175,6 +175,10 @@ MUTANTS = [
            'kwargs = kwargs | {k: v for k, v in from_file.items() if k not in ("data", "output_dir")}',
            "tests/test_cli.py -k segmentation_takes"),
     # evaluation
+    Mutant("probe --config: the file wins", "eval/features.py",
+           'options = {k.removeprefix("probe."): v for k, v in flat.items() if k.startswith("probe.")} | options',
+           'options = options | {k.removeprefix("probe."): v for k, v in flat.items() if k.startswith("probe.")}',
+           "tests/test_cli.py -k probes_take"),
     Mutant("online k-NN: its time counted in img/s", "dtm_ds/logs.py", "max(now - self.last_time - excluded_s, 1e-9)",
            "max(now - self.last_time, 1e-9)", "tests/test_metrics.py -k online_knn"),
     Mutant("online k-NN: the student left in eval mode", "dtm_ds/online_knn.py", "student.train(was_training)",

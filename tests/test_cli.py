@@ -239,6 +239,32 @@ def test_segmentation_takes_its_print_config_as_a_config_file(tmp_path):
     assert "unknown sections ['recipe']; valid: ['seg']" in settings("--config", str(tmp_path / "bad.json"), rc=2)
 
 
+@pytest.mark.parametrize("probe", ["knn", pytest.param("linear", marks=pytest.mark.faults_slow)])  # one code path
+def test_the_probes_take_their_print_config_as_a_config_file(tmp_path, probe):
+    """eval/knn.py's and eval/linear.py's ``--print_config`` (sections ``probe`` and their own) read back with
+    ``--config`` gives the same settings; the command line wins; a mistyped setting in the file is named."""
+    import yaml
+
+    def settings(*args: str, rc: int = 0):
+        done = subprocess.run([sys.executable, f"eval/{probe}.py", *args, "--print_config"], cwd=ROOT, env=run_env(),
+                              capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == rc, done.stderr[-2000:]
+        return json.loads(done.stdout) if rc == 0 else done.stderr
+
+    own = ["--k", "7"] if probe == "knn" else ["--epochs", "30"]
+    first = settings("--encoder", "run_x", "--train_per_class=5", "--blocks=2", *own)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(first))
+    assert settings("--config", str(tmp_path / "p.yaml")) == first
+    assert first["probe"]["train_per_class"] == 5 and first["probe"]["encoder"] == "run_x"
+    assert first[probe] == ({"k": 7, "temperature": 0.07} if probe == "knn" else {"epochs": 30, "lr": 0.001})
+    wins = settings("--config", str(tmp_path / "p.yaml"), "--blocks=3", "--encoder", "run_y")
+    assert (wins["probe"]["blocks"], wins["probe"]["encoder"], wins[probe]) == (3, "run_y", first[probe])
+    first[probe] = {"kk": 1}
+    (tmp_path / "bad.json").write_text(json.dumps(first))
+    refused = settings("--config", str(tmp_path / "bad.json"), rc=2)
+    assert f"unknown {probe} settings in {tmp_path / 'bad.json'} ['kk']" in refused, refused
+
+
 def test_every_command_refuses_a_mistyped_flag_before_any_work(tmp_path):
     """``write_ffcv`` (which would otherwise convert first and complain after), ``python -m dtm_ds export`` and
     ``visualize``: a mistyped flag is one line naming what it may mean, exit 2, nothing written; --help lists
