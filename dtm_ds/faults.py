@@ -9,6 +9,7 @@ Nothing here is in the user's config; with the variable unset every function is 
     DTM_FAULTS='{"kill_in_save": 8, "file": 1}'        # ... of its second file
     DTM_FAULTS='{"full_in_save": 8, "rank": 1}'        # rank 1's disk is full when it writes checkpoint 8
     DTM_FAULTS='{"sigterm_micro": 3}'                  # this process sends itself SIGTERM at micro-step 3
+    DTM_FAULTS='{"sigterm_knn": 2}'                    # ... in the middle of step 2's online k-NN
     DTM_FAULTS='{"dump_micro": 0, "dump_to": "x.pt"}'  # save micro-step 0's batch, targets, outputs, schedule
 """
 
@@ -21,7 +22,7 @@ from functools import cache
 
 import torch
 
-__all__ = ["arm_checkpoint_kill", "dump", "nan_loss", "stop_signal"]
+__all__ = ["arm_checkpoint_kill", "dump", "knn_signal", "nan_loss", "stop_signal"]
 
 
 @cache
@@ -41,6 +42,12 @@ def stop_signal(micro: int) -> None:
     """SIGTERM to this process at micro-step ``micro`` (0-based, this rank) when the test asked for it: a stop
     at a known step, however fast the device runs."""
     if _faults().get("sigterm_micro") == micro:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def knn_signal(step: int) -> None:
+    """SIGTERM to this process in the middle of the online k-NN of step ``step`` when the test asked for it."""
+    if _faults().get("sigterm_knn") == step:
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dtm_ds import distributed
+from dtm_ds import distributed, faults
 from dtm_ds.config import RunConfig
 
 __all__ = ["OnlineKNN", "check_online_knn"]
@@ -51,15 +51,17 @@ class OnlineKNN:
         self.val = select(open_listing(run.knn_val, val_split), per_class=run.knn_per_class)
         self.classes = len(self.train.classes)
 
-    def __call__(self, student: torch.nn.Module) -> dict[str, float]:
-        """``{"knn_top1": %, "knn_seconds": s}`` (every rank: a collective)."""
+    def __call__(self, student: torch.nn.Module, step: int) -> dict[str, float]:
+        """``{"knn_top1": %, "knn_seconds": s}`` at step ``step`` (every rank: a collective). A stop signal
+        meanwhile is honoured as always, at the end of the next window."""
         from eval.features import extract
         from eval.knn import knn_correct
 
         started, was_training = time.perf_counter(), student.training
         try:
-            (train_x, train_y), (val_x, val_y) = (self._share(student, listing, extract)
-                                                  for listing in (self.train, self.val))  # fmt: skip
+            train_x, train_y = self._share(student, self.train, extract)
+            faults.knn_signal(step)
+            val_x, val_y = self._share(student, self.val, extract)
         finally:
             student.train(was_training)
         train_x = distributed.gather_sharded(train_x, len(self.train))

@@ -222,7 +222,7 @@ def fit(p: Parts, s: TrainState, saver: Checkpointer) -> dict[str, float]:
             last = step_values(p.engine, p.optimizer, window.value, lrs, window.local_norm)
             last |= clock.times | {"epoch": s.epoch, "skipped_windows": s.skipped_windows}
             if p.knn is not None and s.step % run.knn_every == 0:  # a logging step (checked): every rank
-                last |= p.knn(p.engine.module)
+                last |= p.knn(p.engine.module, s.step)
             tokens = p.config.model.grid**2
             log.step(s.step, last, p.engine.train_batch_size(), p.flops_per_image, tokens, world,
                      excluded_s=last.get("knn_seconds", 0.0) if "knn_top1" in last else 0.0)  # fmt: skip

@@ -479,7 +479,8 @@ def _knn_rows(out: Path) -> dict[int, float]:
 def test_online_knn_is_logged_at_its_steps_resumes_to_the_same_numbers_and_equals_eval_knn(image_folder, tmp_path):
     """``--run.knn_every=2``: the logging rows of steps 2, 4 and 6 carry ``knn_top1`` (and its cost,
     ``knn_seconds``, left out of img/s), as does TensorBoard; the losses are those of a run without it; a run
-    stopped at step 2 and resumed logs the same numbers at the same steps as an uninterrupted one; the figure at
+    signalled to stop during step 2's k-NN stops after step 3, and resumed logs the same numbers at the same steps
+    as an uninterrupted one; the figure at
     the last step is eval/knn.py's on the run's final checkpoint (k = 20, T = 0.07, the same sets). Settings it
     cannot run with are refused first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -500,10 +501,13 @@ def test_online_knn_is_logged_at_its_steps_resumes_to_the_same_numbers_and_equal
     tb.Reload()
     logged = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in tb.Tensors("train/knn_top1")}
     assert logged == pytest.approx(want)
-    for steps in (2, 6):
-        done = subprocess.run(train_cmd(image_folder, resumed, ds, steps, *knn), check=True, cwd=ROOT, env=run_env(),
-                              capture_output=True, text=True)  # fmt: skip
-    assert "resumed from step" in done.stdout and "knn top-1" in done.stdout
+    # SIGTERM in the middle of step 2's k-NN: it finishes, the ranks stop after the next window, save and exit 0
+    stopped = subprocess.run(train_cmd(image_folder, resumed, ds, 6, *knn), cwd=ROOT, capture_output=True,
+                             env=run_env({"sigterm_knn": 2}), text=True)  # fmt: skip
+    assert stopped.returncode == 0 and "stopped by a signal at step 3 (all ranks)" in stopped.stdout, stopped.stderr
+    done = subprocess.run(train_cmd(image_folder, resumed, ds, 6, *knn), check=True, cwd=ROOT, env=run_env(),
+                          capture_output=True, text=True)  # fmt: skip
+    assert "resumed from step00000003" in done.stdout and "knn top-1" in done.stdout
     assert _knn_rows(resumed) == want
     cmd = [sys.executable, "eval/knn.py", "--encoder", str(straight), "--train", str(tmp_path / "knn_train"),
            "--val", str(tmp_path / "knn_val"), "--workers=0"]  # fmt: skip
