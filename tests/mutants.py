@@ -48,6 +48,10 @@ MUTANTS = [
            "1", f"{AUG} -k masks"),
     Mutant("ffcv: damaged JPEG left unmarked", "dtm_ds/data/ffcv_source.py", "destination[dst_ix, 0, : len(mark)] = mark",
            "destination[dst_ix, 0, : len(mark)] = 0", "tests/test_data.py -k damaged"),
+    Mutant("init: cut at 2 std", "dtm_ds/student.py", "nn.init.trunc_normal_(module.weight, std=std, a=-std, b=std)",
+           "nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)", "tests/test_train.py -k reference_init"),
+    Mutant("init: no block rescale", "dtm_ds/student.py", "    model.fix_init_weight()", "    pass",
+           "tests/test_train.py -k reference_init"),
     # augmentation and seeds
     Mutant("jitter: one-sided", "dtm_ds/data/augment.py", "(1 + jitter * (2 * draws[:, 1:] - 1))", "(1 + jitter * draws[:, 1:])",
            f"{AUG} -k 'jitter or contrast'"),
