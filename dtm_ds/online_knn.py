@@ -54,8 +54,7 @@ class OnlineKNN:
     def __call__(self, student: torch.nn.Module, step: int) -> dict[str, float]:
         """``{"knn_top1": %, "knn_seconds": s}`` at step ``step`` (every rank: a collective). A stop signal
         meanwhile is honoured as always, at the end of the next window."""
-        from eval.features import extract
-        from eval.knn import knn_correct
+        from dtm_ds.features import extract, knn_correct
 
         started, was_training = time.perf_counter(), student.training
         try:

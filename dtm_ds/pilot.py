@@ -77,9 +77,8 @@ def _tokens(config, data: str, dataset: str | None, per_class: int, device: torc
     from data_prep.datasets import open_listing
     from data_prep.sources import select
     from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
+    from dtm_ds.features import ListingImages, Readable
     from dtm_ds.teacher import build_teacher
-    from eval.classifier import ListingImages
-    from eval.features import Readable
 
     listing = select(open_listing(data, "train", dataset), per_class=per_class)
     size = config.model.img_size

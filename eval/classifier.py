@@ -1,11 +1,8 @@
-"""A timm BEiT classifier (mean pooling) initialised from a dtm_ds student, and image datasets for it."""
+"""A timm BEiT classifier (mean pooling) initialised from a dtm_ds student, and its accuracy counts."""
 
 import torch
-from PIL import Image
 from timm.models.beit import Beit, checkpoint_filter_fn
-from torch.utils.data import Dataset
 
-from data_prep.sources import Listing
 from dtm_ds.config import ModelConfig
 from dtm_ds.pretrained import fold_shared_table, load_student
 
@@ -39,19 +36,6 @@ def load_pretrained(classifier: Beit, encoder: str) -> dict[str, list[str]]:
     if unexpected or set(missing) - expected_new:
         raise ValueError(f"{encoder} does not fit the classifier: {report}")
     return report
-
-
-class ListingImages(Dataset):
-    """(transformed PIL image, label) from a data_prep listing."""
-
-    def __init__(self, listing: Listing, transform):
-        self.listing, self.transform = listing, transform
-
-    def __len__(self) -> int:
-        return len(self.listing)
-
-    def __getitem__(self, i: int):
-        return self.transform(Image.fromarray(self.listing.image(i))), self.listing.labels[i]
 
 
 @torch.no_grad()

@@ -10,16 +10,13 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
 
 from data_prep.datasets import open_listing
 from data_prep.sources import Listing, select
 from dtm_ds import distributed
-from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
-from dtm_ds.devices import accelerator, cap_workers, quiet_worker, to_device
+from dtm_ds.devices import cap_workers
+from dtm_ds.features import extract, probe_device
 from dtm_ds.pretrained import encoder_config, load_student
-from eval.classifier import ListingImages
 
 
 @dataclass
@@ -158,77 +155,3 @@ def _shared_images(train: Listing, test: Listing) -> int:
     if train.paths is None or test.paths is None:
         return 0
     return len({p.resolve() for p in train.paths} & {p.resolve() for p in test.paths})
-
-
-def probe_device() -> torch.device:
-    """The probes' device: this rank's GPU when this machine's accelerator is CUDA, else the CPU."""
-    if accelerator() == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-class Readable(Dataset):
-    """``ListingImages`` whose unreadable images (a truncated or foreign file) give ``(zeros, -1)`` with one
-    warning line naming the file: counted and left out by ``frozen_features``, never a PIL traceback."""
-
-    def __init__(self, images: ListingImages, size: int):
-        self.images, self.size = images, size
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        try:
-            return self.images[i]
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-            where = self.images.listing.paths[i] if self.images.listing.paths is not None else f"item {i}"
-            print(f"warning: {where} is unreadable ({type(err).__name__}: {err}); skipped", file=sys.stderr, flush=True)
-            return torch.zeros(3, self.size, self.size), -1
-
-
-@torch.no_grad()
-def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, workers=1, name="features", pixels=False,
-            device: torch.device | None = None, progress: bool = True):  # fmt: skip
-    """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
-    applied; ``pixels``: the input image flattened) and labels [n], on timm's evaluation transform (bicubic
-    resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr. The encoder
-    runs on ``device`` (default: ``probe_device()``; in bf16 autocast on a GPU); the results are fp32 on the
-    host."""
-    from tqdm import tqdm
-
-    device = probe_device() if device is None else device
-    encoder = encoder.eval().to(device)
-    size = encoder.patch_embed.img_size[0]
-    transform = create_transform(
-        size, is_training=False, interpolation="bicubic", crop_pct=crop_ratio, mean=IMAGENET_MEAN, std=IMAGENET_STD
-    )
-    loader = DataLoader(Readable(ListingImages(listing, transform), size), batch_size=batch, num_workers=workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                        worker_init_fn=quiet_worker)  # fmt: skip
-    feats, labels = [], []
-    for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True, disable=not progress):
-        labels.append(y)
-        if pixels:
-            feats.append(x.flatten(1))
-            continue
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(_pooled(encoder, to_device(x, device), blocks).float().to("cpu", non_blocking=True))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the non-blocking copies to the host are done
-    if not feats:  # an empty share (fewer images than ranks)
-        width = 3 * size * size if pixels else blocks * encoder.embed_dim
-        return torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def _pooled(encoder, x: torch.Tensor, blocks: int) -> torch.Tensor:
-    """[B, blocks * D]: the mean patch token of each of the last ``blocks`` blocks (final norm applied)."""
-    depth = len(encoder.blocks)
-    if blocks == 1:
-        tokens = [encoder.forward_features(x)[:, encoder.num_prefix_tokens :]]
-    else:
-        maps = encoder.forward_intermediates(
-            x, indices=list(range(depth - blocks, depth)), norm=True, output_fmt="NLC", intermediates_only=True
-        )
-        tokens = [m[:, encoder.num_prefix_tokens :] for m in maps]
-    return torch.cat([t.mean(1) for t in tokens], dim=1)

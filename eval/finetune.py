@@ -41,12 +41,13 @@ from dtm_ds.engine import (
     set_lr,
     stop_on_signals,
 )
+from dtm_ds.features import ListingImages
 from dtm_ds.files import write_atomic
 from dtm_ds.logs import RunLog
 from dtm_ds.options import parse_options, read_config_file
 from dtm_ds.pretrained import encoder_config, save_timm_folder
 from dtm_ds.seeds import seed_of
-from eval.classifier import ListingImages, build_classifier, classifier_args, hit_counts, load_pretrained
+from eval.classifier import build_classifier, classifier_args, hit_counts, load_pretrained
 from eval.recipes import RECIPES, Recipe, recipe_for
 
 SPLITS = {

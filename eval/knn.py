@@ -14,25 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from dtm_ds import distributed
+from dtm_ds.features import knn_correct
 from eval.features import Probe, evaluated_split, frozen_features, probe_settings, start
-
-
-def knn_correct(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
-                classes: int | None = None) -> torch.Tensor:  # fmt: skip
-    """How many of ``test_x`` a similarity-weighted vote among the k nearest training features (DINO) gets
-    right: a long tensor on the training features' device, computed there ``chunk`` test rows at a time (no
-    host synchronisation). ``classes``: the number of classes (default: from the labels)."""
-    device = train_x.device
-    train_y = train_y.to(device)
-    if classes is None:
-        classes = int(max(train_y.max(), test_y.max())) + 1
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for start_row in range(0, len(test_x), chunk):
-        sims, idx = (test_x[start_row : start_row + chunk].to(device) @ train_x.T).topk(k, dim=1)
-        weights = (sims / temperature).exp()
-        votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, train_y[idx], weights)
-        correct += (votes.argmax(1) == test_y[start_row : start_row + chunk].to(device)).sum()
-    return correct
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07, chunk: int = 1024):

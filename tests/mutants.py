@@ -199,7 +199,7 @@ MUTANTS = [
            "return range(0, total, world())", "tests/test_eval.py -k two_ranks_equal"),
     Mutant("probes: an unreadable image kept", "eval/features.py", "test_x[test_y >= 0], test_y[test_y >= 0]",
            "test_x, test_y", "tests/test_eval.py -k two_ranks_equal"),
-    Mutant("k-NN: temperature ignored", "eval/knn.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
+    Mutant("k-NN: temperature ignored", "dtm_ds/features.py", "weights = (sims / temperature).exp()", "weights = sims.exp()",
            "tests/test_eval.py -k knn_vote"),
     Mutant("evaluation: counts averaged over ranks", "eval/finetune.py", "distributed.sum_tensor(counts)",
            "distributed.mean_tensor(counts)", "tests/faults/test_cluster.py -k counts_every_image_once"),

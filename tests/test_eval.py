@@ -81,7 +81,8 @@ def test_probes_learn_from_frozen_features(pretrained):
     assert pixels["pixels"] is True and pixels["top1"] > 40  # chance 10 %
     from data_prep.datasets import open_listing
     from data_prep.sources import select
-    from eval.features import extract, load_encoder
+    from dtm_ds.features import extract
+    from eval.features import load_encoder
 
     ten = select(open_listing("fashion_mnist", "test"), per_class=1)
     x, y = extract(load_encoder(str(pretrained)), ten, crop_ratio=1.0, workers=0, pixels=True)

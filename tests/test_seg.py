@@ -207,8 +207,8 @@ def test_a_folded_export_loads_into_mmseg_stock_beit_and_timm_with_the_same_feat
     import timm
     from mmseg.models.backbones import BEiT
 
+    from dtm_ds.features import _pooled
     from dtm_ds.pretrained import MMSEG_FILE, encoder_config, fold_shared_table, mmseg_beit_state
-    from eval.features import _pooled
 
     folder = tmp_path / "folded"
     subprocess.run([sys.executable, "-m", "dtm_ds", "export", str(pretrained), str(folder), "--fold"], check=True,

@@ -282,8 +282,8 @@ def test_export_is_a_timm_model_folder_with_the_probes_features(image_folder, tm
     import timm
     from timm.data import resolve_data_config
 
+    from dtm_ds.features import _pooled
     from dtm_ds.pretrained import encoder_config, export, load_student
-    from eval.features import _pooled
 
     out = tmp_path / "run"
     cmd = train_cmd(image_folder, out, ds_json(tmp_path / "ds.json", 8, 2), 2)
