@@ -61,7 +61,8 @@ def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, wo
     """Features [n, blocks * D] (mean over patch tokens of each of the last ``blocks`` blocks, final norm
     applied; ``pixels``: the input image flattened) and labels [n], on timm's evaluation transform (bicubic
     resize + centre crop at the encoder's resolution); a progress bar named ``name`` on stderr. The encoder
-    runs on ``device`` (default: ``probe_device()``; in bf16 autocast on a GPU); the results are fp32 on the
+    runs on ``device`` (default: ``probe_device()``; in bf16 autocast on a GPU, and in its weights' dtype
+    where they are bf16 or fp16, as a bf16 engine's student is during the online k-NN); the results are fp32 on the
     host."""
     from tqdm import tqdm
 
@@ -74,13 +75,15 @@ def extract(encoder, listing: Listing, crop_ratio=0.875, blocks=1, batch=256, wo
     loader = DataLoader(Readable(ListingImages(listing, transform), size), batch_size=batch, num_workers=workers,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         worker_init_fn=quiet_worker)  # fmt: skip
+    weights = next(encoder.parameters()).dtype
+    low = weights if weights in (torch.bfloat16, torch.float16) else None  # a bf16 engine's student, even on CPU
     feats, labels = [], []
     for x, y in tqdm(loader, desc=f"features {name}", unit="batch", dynamic_ncols=True, disable=not progress):
         labels.append(y)
         if pixels:
             feats.append(x.flatten(1))
             continue
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, low or torch.bfloat16, enabled=device.type == "cuda" or low is not None):
             feats.append(_pooled(encoder, to_device(x, device), blocks).float().to("cpu", non_blocking=True))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the non-blocking copies to the host are done

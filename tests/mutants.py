@@ -179,6 +179,9 @@ MUTANTS = [
            'kwargs = kwargs | {k: v for k, v in from_file.items() if k not in ("data", "output_dir")}',
            "tests/test_cli.py -k segmentation_takes"),
     # evaluation
+    Mutant("features: float input to a bf16 student", "dtm_ds/features.py",
+           "low = weights if weights in (torch.bfloat16, torch.float16) else None", "low = None",
+           "tests/test_train.py -k bf16_engine"),
     Mutant("probe --config: the file wins", "eval/features.py",
            'options = {k.removeprefix("probe."): v for k, v in flat.items() if k.startswith("probe.")} | options',
            'options = options | {k.removeprefix("probe."): v for k, v in flat.items() if k.startswith("probe.")}',

@@ -143,6 +143,7 @@ def test_train_evaluate_and_resume(pretrained, ade, tmp_path):
     assert "mIoU" in tested.stdout + tested.stderr and _evals(tmp_path / "test")[0]["phase"] == "test"
 
 
+@pytest.mark.faults_slow  # training is also run by test_train_evaluate_and_resume
 def test_overfits_a_tiny_set(tmp_path):
     root = write_ade20k(tmp_path / "ADEChallengeData2016", n_train=8, n_val=1)
     for kind in ("images", "annotations"):  # evaluate on the training images

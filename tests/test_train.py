@@ -519,3 +519,16 @@ def test_online_knn_is_logged_at_its_steps_resumes_to_the_same_numbers_and_equal
         done = subprocess.run(train_cmd(image_folder, tmp_path / "bad", ds, 2, *knn, bad), cwd=ROOT, env=run_env(),
                               capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_online_knn_runs_on_a_bf16_engine(image_folder, tmp_path):
+    """A bf16 ZeRO-2 engine holds a bf16 student, on CPU too: the k-NN's forward runs in its weights' dtype
+    (before, float input met bf16 weights: "Input type (float) and bias type (c10::BFloat16) should be the same")."""
+    bf16 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    ds = json.loads(Path(ds_json(tmp_path / "ds.json", 8)).read_text()) | bf16
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    done = subprocess.run(train_cmd(image_folder, out, str(tmp_path / "ds.json"), 2, *_knn_sets(tmp_path)), cwd=ROOT,
+                          env=run_env(), capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 0 <= _knn_rows(out)[2] <= 100

@@ -368,6 +368,7 @@ def test_finetune_stop_with_accumulation_saves_mid_epoch_and_resumes_exactly(pre
     assert (out / "eval.jsonl").read_text() == (tmp_path / "reference" / "eval.jsonl").read_text()
 
 
+@SLOW  # the 1-rank case with accumulation stays in make test
 def test_finetune_stop_on_two_ranks_saves_mid_epoch_and_resumes_exactly(pretrained, tmp_path):
     """Fine-tuning on 2 ranks (micro batch 4 each, global batch 8): a SIGTERM to rank 1 alone stops both
     ranks after the same window, one mid-epoch checkpoint is written, the job exits 0, and the re-run gives
