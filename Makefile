@@ -41,7 +41,7 @@ test: $(STAMP)
 test-faults: $(STAMP)
 	$(PY) -m pytest tests/faults -m "" -s $(PYTEST_ARGS)
 
-# Mutation testing (tests/mutants.py): every one-line defect in the list must make its tests fail (~6 min)
+# Mutation testing (tests/mutants.py): every one-line defect in the list must make its tests fail (~15 min)
 mutants: $(STAMP)
 	$(PY) -m tests.mutants $(MUTANTS_ARGS)
 
