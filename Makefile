@@ -40,6 +40,7 @@ test: $(STAMP)
 # The fault-injection suite with its slow cases (hung rank, 1,000-step 2-rank load run, kill fuzz, the GPU check rehearsal): ~23 min
 test-faults: $(STAMP)
 	$(PY) -m pytest tests/faults -m "" -s $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m faults_slow --ignore=tests/faults $(PYTEST_ARGS)  # the slow cases outside tests/faults
 
 # Mutation testing (tests/mutants.py): every one-line defect in the list must make its tests fail (~15 min)
 mutants: $(STAMP)
