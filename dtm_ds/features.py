@@ -5,15 +5,17 @@ the last block(s) on timm's evaluation transform, unreadable images skipped and 
 import sys
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from data_prep.sources import Listing
+from dtm_ds import distributed
 from dtm_ds.data import IMAGENET_MEAN, IMAGENET_STD
 from dtm_ds.devices import accelerator, quiet_worker, to_device
 
-__all__ = ["ListingImages", "Readable", "extract", "knn_correct", "probe_device"]
+__all__ = ["ListingImages", "Readable", "extract", "knn_correct", "knn_over_ranks", "probe_device"]
 
 
 class ListingImages(Dataset):
@@ -122,3 +124,14 @@ def knn_correct(train_x, train_y, test_x, test_y, k: int = 20, temperature: floa
         votes = torch.zeros(len(idx), classes, device=device).scatter_add_(1, train_y[idx], weights)
         correct += (votes.argmax(1) == test_y[start_row : start_row + chunk].to(device)).sum()
     return correct
+
+
+def knn_over_ranks(train_x, train_y, val_x, val_y, k: int, temperature: float, classes: int,
+                   device: torch.device) -> tuple[float, int]:  # fmt: skip
+    """Top-1 (%) and the number of evaluation images of the k-NN vote when every rank holds all the training
+    features and its share of the evaluation ones (a collective: the counts are summed over the ranks)."""
+    train_x, val_x = F.normalize(train_x.to(device), dim=-1), F.normalize(val_x.to(device), dim=-1)
+    correct = knn_correct(train_x, train_y, val_x, val_y, min(k, len(train_x)), temperature, classes=classes)
+    counts = torch.stack([correct.double(), torch.full((), float(len(val_x)), dtype=torch.float64, device=device)])
+    correct, evaluated = distributed.sum_tensor(counts).tolist()
+    return round(100 * correct / max(evaluated, 1), 2), int(evaluated)

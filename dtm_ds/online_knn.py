@@ -1,19 +1,18 @@
 """Online k-NN during pretraining: representation quality while the run goes, not only the loss.
 
 Every ``run.knn_every`` steps (a multiple of ``run.log_every``; off by default) the student's encoder gives the
-probes' features (the mean of its final-normalised patch tokens, eval/features.py) for a held-out training and
+probes' features (the mean of its final-normalised patch tokens, dtm_ds/features.py) for a held-out training and
 evaluation set (``run.knn_train``, ``run.knn_val``: data_prep sources, the first ``run.knn_per_class`` images of
-every class). Each rank extracts its share (``distributed.shard``); the training features are gathered; each
-rank votes for its share of the evaluation images (DINO's weighted k-NN: k = 20, T = 0.07, eval/knn.py) and the
-counts are summed. The logging row of that step gets ``knn_top1`` and ``knn_seconds``; that time is excluded
-from its img/s. The features depend only on the weights, so a resumed run logs the same numbers at the same
-steps.
+every class). Each rank extracts its share (``distributed.shard``); the training features are gathered; each rank
+votes for its share of the evaluation images and the counts are summed (``features.knn_over_ranks``, as
+eval/knn.py does: DINO's k = 20, T = 0.07). The logging row of that step gets ``knn_top1`` and ``knn_seconds``;
+that time is excluded from its img/s. The features depend only on the weights, so a resumed run logs the same
+numbers at the same steps.
 """
 
 import time
 
 import torch
-import torch.nn.functional as F
 
 from dtm_ds import distributed, faults
 from dtm_ds.config import RunConfig
@@ -54,7 +53,7 @@ class OnlineKNN:
     def __call__(self, student: torch.nn.Module, step: int) -> dict[str, float]:
         """``{"knn_top1": %, "knn_seconds": s}`` at step ``step`` (every rank: a collective). A stop signal
         meanwhile is honoured as always, at the end of the next window."""
-        from dtm_ds.features import extract, knn_correct
+        from dtm_ds.features import extract, knn_over_ranks
 
         started, was_training = time.perf_counter(), student.training
         try:
@@ -66,14 +65,9 @@ class OnlineKNN:
         train_x = distributed.gather_sharded(train_x, len(self.train))
         train_y = distributed.gather_sharded(train_y, len(self.train))
         keep, val_keep = train_y >= 0, val_y >= 0  # unreadable images are left out (counted by the probes)
-        train_x = F.normalize(train_x[keep].to(self.device), dim=-1)
-        val_x = F.normalize(val_x[val_keep].to(self.device), dim=-1)
-        correct = knn_correct(train_x, train_y[keep], val_x, val_y[val_keep], min(K, len(train_x)), TEMPERATURE,
-                              classes=self.classes)  # fmt: skip
-        counts = torch.stack([correct.double(), torch.full((), float(len(val_x)), dtype=torch.float64,
-                                                           device=correct.device)])  # fmt: skip
-        correct, evaluated = distributed.sum_tensor(counts).tolist()
-        return {"knn_top1": round(100 * correct / max(evaluated, 1), 2), "knn_seconds": time.perf_counter() - started}
+        top1, _ = knn_over_ranks(train_x[keep], train_y[keep], val_x[val_keep], val_y[val_keep], K, TEMPERATURE,
+                                 self.classes, self.device)  # fmt: skip
+        return {"knn_top1": top1, "knn_seconds": time.perf_counter() - started}
 
     def _share(self, student, listing, extract):
         mine = listing.subset(list(distributed.shard(len(listing))))

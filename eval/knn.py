@@ -10,11 +10,8 @@ folder, ImageNet root, list file, ``fashion_mnist``) or ``--dataset NAME`` with 
 import dataclasses
 import json
 
-import torch
-import torch.nn.functional as F
-
 from dtm_ds import distributed
-from dtm_ds.features import knn_correct
+from dtm_ds.features import knn_correct, knn_over_ranks
 from eval.features import Probe, evaluated_split, frozen_features, probe_settings, start
 
 
@@ -47,21 +44,18 @@ def main(encoder: str | None = None, k: int | None = None, temperature: float | 
     encoder, k, temperature = probe.encoder, own["k"], own["temperature"]
     device = start()
     train_x, train_y, test_x, test_y, classes, unreadable = frozen_features(probe, gather_val=False)
-    train_x, test_x = F.normalize(train_x.to(device), dim=-1), F.normalize(test_x.to(device), dim=-1)
-    correct = knn_correct(train_x, train_y, test_x, test_y, k, temperature, classes=classes)
-    counts = torch.stack([correct.double(), torch.full((), float(len(test_y)), dtype=torch.float64, device=device)])
-    correct, evaluated = distributed.sum_tensor(counts).tolist()  # over the ranks' shares
+    top1, evaluated = knn_over_ranks(train_x, train_y, test_x, test_y, k, temperature, classes, device)
     result = {
         "encoder": encoder,
         "random_init": probe.random_init,
         "pixels": probe.pixels,
         "k": k,
         "train": len(train_y),
-        "val": int(evaluated),
+        "val": evaluated,
         "eval_split": evaluated_split(probe),
         "unreadable": unreadable,
         "ranks": distributed.world(),
-        "top1": round(100 * correct / evaluated, 2),
+        "top1": top1,
     }
     rank = distributed.rank()
     distributed.close()
